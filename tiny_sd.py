@@ -1,0 +1,149 @@
+"""Build a tiny, randomly initialised Stable Diffusion pipeline on disk.
+
+    python tiny_sd.py OUT_DIR [--size tiny|small] [--prediction_type epsilon|v_prediction]
+
+The result has the folder layout of a real SD 1.x model (unet, vae, text_encoder,
+tokenizer, scheduler), so `train_dreambooth.py --pretrained_model_name_or_path OUT_DIR`
+and `StableDiffusionPipeline.from_pretrained(OUT_DIR)` treat it exactly like
+CompVis/stable-diffusion-v1-4, only thousands of times smaller. The tests, the demo
+and the benchmark all build their models here, so the weights are fixed by the seed.
+"""
+import argparse
+import json
+import os
+
+# The words of every prompt the tests and the demo use get their own BPE merges, so
+# they tokenize like real CLIP words; anything else falls back to single characters.
+WORDS = ["a", "photo", "of", "sks", "dog", "cat", "toy", "robot", "in", "the", "on", "bucket", "beach", "snow"]
+
+SIZES = {
+    # ~1 M parameters in all; trains at 64x64 in well under a second a step on one CPU thread.
+    "tiny": dict(unet_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+                 vae_channels=(32, 64), text_hidden=32, text_layers=2, text_heads=4),
+    # The "small" SD-shaped model of the benchmark (35 M UNet parameters).
+    "small": dict(unet_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=256,
+                  attention_head_dim=8, vae_channels=(32, 64, 128, 128), text_hidden=256, text_layers=4,
+                  text_heads=4),
+}
+
+
+def bytes_to_unicode():
+    """CLIP's reversible byte -> printable character table (as in OpenAI's BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_tokenizer_files(out_dir):
+    """A CLIP BPE vocabulary: every byte alone and word-final, plus merges spelling WORDS."""
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    merges = []
+    for word in WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:  # merge left to right: "p h", "ph o", ...
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if " ".join(pair) not in merges:
+                merges.append(" ".join(pair))
+            if merged not in vocab:
+                vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", max_length=16):
+    import tempfile
+
+    import paddle
+    from ppdiffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    s = SIZES[size]
+    paddle.seed(seed)
+    n_blocks = len(s["unet_channels"])
+    unet = UNet2DConditionModel(
+        sample_size=8 if size == "tiny" else 16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=s["unet_channels"],
+        layers_per_block=s["layers_per_block"],
+        down_block_types=("CrossAttnDownBlock2D",) * (n_blocks - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_blocks - 1),
+        cross_attention_dim=s["cross_attention_dim"],
+        attention_head_dim=s["attention_head_dim"],
+        norm_num_groups=min(32, s["unet_channels"][0]),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]),
+        latent_channels=4,
+        norm_num_groups=min(32, s["vae_channels"][0]),
+        sample_size=64,
+    )
+    # The tokenizer copies its files from where it was built when the pipeline is saved.
+    tmp = tempfile.TemporaryDirectory()
+    vocab_size = write_tokenizer_files(tmp.name)
+    tokenizer = CLIPTokenizer(
+        vocab_file=os.path.join(tmp.name, "vocab.json"),
+        merges_file=os.path.join(tmp.name, "merges.txt"),
+        model_max_length=max_length,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=s["text_hidden"],
+            intermediate_size=4 * s["text_hidden"],
+            num_hidden_layers=s["text_layers"],
+            num_attention_heads=s["text_heads"],
+            max_position_embeddings=max_length,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            projection_dim=s["cross_attention_dim"],
+        )
+    )
+    # The text encoder's width must match the UNet's cross-attention width.
+    assert s["text_hidden"] == s["cross_attention_dim"]
+    # Real SD 1.x ships PNDM for sampling; training uses the DDPM betas of the same config.
+    scheduler_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            num_train_timesteps=1000, prediction_type=prediction_type)
+    scheduler = PNDMScheduler(skip_prk_steps=True, **scheduler_kwargs) if prediction_type == "epsilon" \
+        else DDPMScheduler(**scheduler_kwargs)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    tmp.cleanup()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    args = parser.parse_args()
+    save_tiny_pipeline(args.out_dir, args.size, args.seed, args.prediction_type)
+    print(f"tiny Stable Diffusion pipeline ({args.size}) written to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
