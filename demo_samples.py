@@ -1,0 +1,99 @@
+"""Sample a trained DreamBooth model and save a grid: one row per prompt.
+
+    python demo_samples.py MODEL_DIR --prompt "a photo of sks toy" --prompt "a photo of toy" \
+        --num_images 2 --steps 10 --height 64 --width 64 --seed 0 --out GRID.png
+
+Image i of every row starts from the same seed (seed + i), so the rows differ only by
+their prompt: comparing "sks toy" with "toy" shows what the fine-tuning learned.
+The single images are saved next to the grid as GRID_<prompt>_<i>.png.
+"""
+import argparse
+import os
+import re
+
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 4  # pixels between images and around the labels
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="a pipeline folder, e.g. the --output_dir of train_dreambooth.py")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for more rows")
+    parser.add_argument("--num_images", type=int, default=2, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples_grid.png", help="path of the grid PNG")
+    return parser.parse_args()
+
+
+def load_pipeline(model_dir):
+    # Imported here so that `--help` answers at once instead of after paddle's slow import.
+    from ppdiffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)  # one progress bar per image would drown the log
+    return pipe
+
+
+def generate(pipe, prompt, args):
+    import paddle
+
+    images = []
+    for i in range(args.num_images):
+        # A fresh generator per image (not one per row) gives image i the same starting
+        # noise under every prompt. ppdiffusers replaces paddle.Generator with its own
+        # seeded-state tracker, which also works on the CPU.
+        generator = paddle.Generator().manual_seed(args.seed + i)
+        out = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, generator=generator)
+        images.append(out.images[0])
+    return images
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
+
+
+def make_grid(rows):
+    """rows: [(prompt, [PIL images])] -> one image, each row under its prompt."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_h = max(measure.textbbox((0, 0), p, font=font)[3] for p, _ in rows) + PAD
+    cell_w, cell_h = rows[0][1][0].size
+    n = max(len(images) for _, images in rows)
+    # Tiny models sample tiny images: widen the grid rather than clip a long prompt.
+    text_w = max(measure.textbbox((0, 0), p, font=font)[2] for p, _ in rows)
+    width = max(n * (cell_w + PAD) + PAD, text_w + 2 * PAD)
+    row_h = label_h + cell_h + PAD
+    grid = Image.new("RGB", (width, len(rows) * row_h + PAD), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, images) in enumerate(rows):
+        top = PAD + r * row_h
+        draw.text((PAD, top), prompt, fill="black", font=font)
+        for i, image in enumerate(images):
+            grid.paste(image, (PAD + i * (cell_w + PAD), top + label_h))
+    return grid
+
+
+def main():
+    args = parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    pipe = load_pipeline(args.model_dir)
+    stem = os.path.splitext(args.out)[0]
+    rows = []
+    for prompt in args.prompt:
+        print(f"sampling {args.num_images} image(s) for {prompt!r}")
+        images = generate(pipe, prompt, args)
+        for i, image in enumerate(images):
+            image.save(f"{stem}_{slug(prompt)}_{i}.png")
+        rows.append((prompt, images))
+    make_grid(rows).save(args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

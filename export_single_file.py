@@ -1,0 +1,239 @@
+"""Export a ppdiffusers Stable Diffusion 1.x pipeline folder as ONE .safetensors file.
+
+    python export_single_file.py PIPELINE_DIR [--out FILE] [--half]
+
+The file uses the key layout of the original CompVis checkpoints (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.transformer.*`) and PyTorch weight orientation, so
+Stable Diffusion WebUI, ComfyUI and `StableDiffusionPipeline.from_single_file` can load it.
+Default output: PIPELINE_DIR/<name of PIPELINE_DIR>.safetensors.
+"""
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+# Key-mapping tables: ppdiffusers module name -> original module name. A name missing from a
+# table is the same in both layouts (e.g. everything inside a UNet transformer block).
+UNET_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_TOP = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(path, table):
+    """Rename the module part of `module.param` through `table`."""
+    module, param = path.rsplit(".", 1)
+    return f"{table.get(module, module)}.{param}"
+
+
+def _indices(keys, pattern):
+    return {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+
+
+def _unet_key(key, layers, up_with_attn):
+    """Original name of one UNet parameter, or None if the layout has no place for it."""
+    # The original numbers the UNet's layers flat: every down block fills `layers` resnet(+attention)
+    # slots plus one downsampler slot; every up block fills `layers + 1` slots, the last also
+    # holding the upsampler, which sits after the attention when the block has one.
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        kind, block, part, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if part == "downsamplers":
+            return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{rest.removeprefix('conv.')}"
+        if part == "upsamplers":
+            slot = 2 if block in up_with_attn else 1
+            return f"output_blocks.{block * (layers + 1) + layers}.{slot}.{rest}"
+        index = 1 + block * (layers + 1) + j if kind == "down" else block * (layers + 1) + j
+        if part == "resnets":
+            return f"{'input' if kind == 'down' else 'output'}_blocks.{index}.0.{_rename(rest, UNET_RESNET)}"
+        return f"{'input' if kind == 'down' else 'output'}_blocks.{index}.1.{rest}"
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        if m[1] == "resnets":
+            return f"middle_block.{2 * int(m[2])}.{_rename(m[3], UNET_RESNET)}"
+        return f"middle_block.1.{m[3]}"
+    module, param = key.rsplit(".", 1)
+    return f"{UNET_TOP[module]}.{param}" if module in UNET_TOP else None
+
+
+def _vae_key(key, n_up):
+    """Original name of one VAE parameter, or None if the layout has no place for it."""
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(resnets|downsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        if m[2] == "downsamplers":
+            return f"encoder.down.{m[1]}.downsample.{m[4]}"
+        return f"encoder.down.{m[1]}.block.{m[3]}.{_rename(m[4], VAE_RESNET)}"
+    # The original decoder counts its up levels from the lowest resolution backwards.
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        level = n_up - 1 - int(m[1])
+        if m[2] == "upsamplers":
+            return f"decoder.up.{level}.upsample.{m[4]}"
+        return f"decoder.up.{level}.block.{m[3]}.{_rename(m[4], VAE_RESNET)}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        if m[2] == "resnets":
+            return f"{m[1]}.mid.block_{int(m[3]) + 1}.{_rename(m[4], VAE_RESNET)}"
+        return f"{m[1]}.mid.attn_1.{_rename(m[4], VAE_ATTN)}"
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.\w+|(post_)?quant_conv\.\w+", key):
+        return key
+    module, param = key.rsplit(".", 1)
+    return f"{VAE_TOP[module]}.{param}" if module in VAE_TOP else None
+
+
+def _check_all_mapped(component, mapping):
+    missing = sorted(k for k, v in mapping.items() if v is None)
+    if missing:
+        raise ValueError(f"{component}: no SD 1.x name for {len(missing)} parameter(s), e.g. {missing[:3]}")
+
+
+def to_original_layout(unet_state, vae_state, text_state):
+    """Rename PyTorch-oriented state dicts (see `pytorch_state_dict`) to the original SD layout.
+
+    Returns {original key: np.ndarray}. Raises ValueError when a parameter has no place in the
+    SD 1.x layout (e.g. an SDXL UNet), rather than silently dropping it.
+    """
+    unet_keys = list(unet_state)
+    layers = 1 + max(_indices(unet_keys, r"down_blocks\.\d+\.resnets\.(\d+)\."), default=0)
+    up_with_attn = _indices(unet_keys, r"up_blocks\.(\d+)\.attentions\.")
+    n_up = 1 + max(_indices(vae_state, r"decoder\.up_blocks\.(\d+)\."), default=0)
+
+    unet_map = {k: _unet_key(k, layers, up_with_attn) for k in unet_keys}
+    vae_map = {k: _vae_key(k, n_up) for k in vae_state}
+    _check_all_mapped("unet", unet_map)
+    _check_all_mapped("vae", vae_map)
+
+    out = {UNET_PREFIX + unet_map[k]: np.asarray(v) for k, v in unet_state.items()}
+    for k, v in vae_state.items():
+        v = np.asarray(v)
+        # The original VAE attention projections are 1x1 convolutions, not Linear layers.
+        if ".mid.attn_1." in vae_map[k] and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[VAE_PREFIX + vae_map[k]] = v
+    for k, v in text_state.items():
+        out[TEXT_PREFIX + k] = np.asarray(v)
+    # Not a parameter in ppdiffusers (a non-persistent buffer), but the original checkpoints
+    # carry it and some loaders look it up.
+    n_pos = np.asarray(text_state["text_model.embeddings.position_embedding.weight"]).shape[0]
+    out[TEXT_PREFIX + "text_model.embeddings.position_ids"] = np.arange(n_pos, dtype=np.int64)[None]
+    if len(out) != len(unet_state) + len(vae_state) + len(text_state) + 1:
+        raise ValueError("two parameters were mapped to the same original key")
+    return out
+
+
+def pytorch_state_dict(layer):
+    """A Paddle layer's parameters as numpy arrays in PyTorch orientation.
+
+    Paddle stores Linear weights as [in, out], PyTorch as [out, in]. Which weights belong to a
+    Linear is read off the layer objects, since names alone cannot tell (proj_in is a Linear or a
+    1x1 conv depending on the config; the VAE attention is Linear here but a conv originally).
+    """
+    import paddle
+
+    linear = {f"{name}.weight" for name, sub in layer.named_sublayers() if isinstance(sub, paddle.nn.Linear)}
+    state = {}
+    for key, value in layer.state_dict().items():
+        # numpy has no bfloat16 (Paddle hands it out as uint16), so widen half types first.
+        if paddle.is_floating_point(value) and value.dtype != paddle.float32:
+            value = value.astype(paddle.float32)
+        arr = value.numpy()
+        state[key] = np.ascontiguousarray(arr.T) if key in linear else arr
+    return state
+
+
+def is_pipeline_folder(folder):
+    return all(os.path.isfile(os.path.join(folder, sub, "config.json")) for sub in ("unet", "vae", "text_encoder"))
+
+
+def export_models(unet, vae, text_encoder, out_path, half=False):
+    """Write in-memory ppdiffusers models to `out_path` in the original single-file layout.
+
+    Returns {"path", "tensors", "unet", "vae", "text_encoder", "dtype", "bytes"}.
+    """
+    from safetensors.numpy import save_file
+
+    states = [pytorch_state_dict(m) for m in (unet, vae, text_encoder)]
+    dtype = np.float16 if half else np.float32
+    tensors = {k: (v.astype(dtype, copy=False) if np.issubdtype(v.dtype, np.floating) else v)
+               for k, v in to_original_layout(*states).items()}
+    del states
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    try:
+        # "pt": the tensors are in PyTorch orientation; ppdiffusers' loaders read this key to
+        # decide whether Linear weights need transposing.
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    counts = {name: sum(k.startswith(prefix) for k in tensors)
+              for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX))}
+    return dict(path=out_path, tensors=len(tensors), dtype=np.dtype(dtype).name,
+                bytes=os.path.getsize(out_path), **counts)
+
+
+def export_pipeline(folder, out_path, half=False):
+    """Load the pipeline saved at `folder` and write it with `export_models`; returns its summary."""
+    if not is_pipeline_folder(folder):
+        raise ValueError(f"{folder} is not a Stable Diffusion pipeline folder (needs unet/, vae/, text_encoder/)")
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextModel
+
+    return export_models(
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        out_path,
+        half=half,
+    )
+
+
+def default_out_path(folder):
+    folder = os.path.normpath(os.path.abspath(folder))
+    return os.path.join(folder, os.path.basename(folder) + ".safetensors")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pipeline_dir")
+    parser.add_argument("--out", default=None, help="output file (default: PIPELINE_DIR/<dir name>.safetensors)")
+    parser.add_argument("--half", action="store_true", help="store float16 instead of float32")
+    args = parser.parse_args(argv)
+    if not is_pipeline_folder(args.pipeline_dir):
+        print(f"error: {args.pipeline_dir} is not a Stable Diffusion pipeline folder "
+              "(expected unet/, vae/ and text_encoder/ with config.json)", file=sys.stderr)
+        return 1
+    out = args.out or default_out_path(args.pipeline_dir)
+    try:
+        summary = export_pipeline(args.pipeline_dir, out, half=args.half)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {summary['tensors']} tensors ({summary['dtype']}, {summary['bytes'] / 2**20:.1f} MiB) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""export_single_file.py: ppdiffusers pipeline folder -> one original-layout SD checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+import export_single_file as export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny model in the original (CompVis) config format, so ppdiffusers' own converter can read
+# the exported file back. Level 0 (attention at downsampling factor 1) is the only one with
+# cross-attention, as CrossAttnDownBlock2D/DownBlock2D in tiny_sd.py.
+TINY_ORIGINAL_CONFIG = """
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.012
+    timesteps: 1000
+    scale_factor: 0.18215
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [1]
+        num_res_blocks: 1
+        channel_mult: [1, 2]
+        num_heads: 8
+        use_spatial_transformer: true
+        transformer_depth: 1
+        context_dim: 32
+        legacy: false
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 64
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [1, 2]
+          num_res_blocks: 1
+          attn_resolutions: []
+          dropout: 0.0
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
+
+
+def _load_components(folder):
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextModel
+
+    classes = dict(unet=UNet2DConditionModel, vae=AutoencoderKL, text_encoder=CLIPTextModel)
+    return {name: classes[name].from_pretrained(folder, subfolder=name) for name in COMPONENTS}
+
+
+@pytest.fixture(scope="module")
+def originals(tiny_model):
+    """The tiny pipeline's parameters as Paddle stores them, per component."""
+    return {name: {k: v.numpy() for k, v in model.state_dict().items()}
+            for name, model in _load_components(tiny_model).items()}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    return {half: export.export_pipeline(tiny_model, str(out / f"tiny_{half}.safetensors"), half=half)
+            for half in (False, True)}
+
+
+def _read_back_with_ppdiffusers(path, tiny_model, tmp_path):
+    """Load an original-layout file with ppdiffusers' own converter (from_single_file)."""
+    import paddle
+    from ppdiffusers import StableDiffusionPipeline
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config = tmp_path / "tiny-inference.yaml"
+    config.write_text(TINY_ORIGINAL_CONFIG)
+    # The converter fills a given text-encoder shell instead of fetching openai/clip-vit-large-patch14;
+    # a differently seeded one makes any parameter it fails to fill show up as a mismatch.
+    rng = paddle.get_rng_state()
+    paddle.seed(1234)
+    shell = CLIPTextModel(CLIPTextConfig.from_pretrained(tiny_model, subfolder="text_encoder"))
+    paddle.set_rng_state(rng)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    return StableDiffusionPipeline.from_single_file(
+        path, original_config_file=str(config), text_encoder=shell, tokenizer=tokenizer,
+        local_files_only=True, load_safety_checker=False,
+    )
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_round_trip_through_ppdiffusers_converter(tiny_model, originals, exported, tmp_path, half):
+    pipe = _read_back_with_ppdiffusers(exported[half]["path"], tiny_model, tmp_path)
+    for name in COMPONENTS:
+        ref = originals[name]
+        got = {k: v.numpy() for k, v in getattr(pipe, name).state_dict().items()}
+        assert set(got) == set(ref), name
+        for key, value in ref.items():
+            # fp16 export must equal the fp32 value rounded once to float16, nothing worse.
+            want = value.astype(np.float16).astype(np.float32) if half else value
+            assert got[key].shape == want.shape, f"{name}.{key}"
+            assert np.array_equal(got[key], want), f"{name}.{key} differs after the round trip"
+
+
+def test_original_key_names_and_layout(tiny_model, exported):
+    with open(os.path.join(tiny_model, "unet", "config.json")) as f:
+        unet_config = json.load(f)
+    # input_blocks.1.1 (first resnet's attention) exists only because level 0 has cross-attention.
+    assert unet_config["down_block_types"][0] == "CrossAttnDownBlock2D"
+
+    path = exported[False]["path"]
+    tensors = load_file(path)
+    summary = exported[False]
+    assert len(tensors) == summary["tensors"] == summary["unet"] + summary["vae"] + summary["text_encoder"]
+    assert (summary["unet"], summary["vae"], summary["text_encoder"]) == (208, 124, 36 + 1)  # + position_ids
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.output_blocks.1.1.conv.weight",  # upsampler of an up block without attention
+        "model.diffusion_model.time_embed.0.weight",
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.encoder.conv_in.weight",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "first_stage_model.decoder.up.1.upsample.conv.weight",
+        "first_stage_model.quant_conv.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    ):
+        assert key in tensors, key
+    assert all(k.startswith(PREFIXES) for k in tensors), [k for k in tensors if not k.startswith(PREFIXES)]
+
+    # PyTorch orientation: Linear weights are [out, in]; VAE attention is a 1x1 conv.
+    assert tensors["model.diffusion_model.time_embed.0.weight"].shape == (128, 32)
+    assert tensors["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"].shape == (32, 128)
+    assert tensors["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"].shape == (128, 32)
+    assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    assert tensors["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (32, 32, 1, 1)
+    position_ids = tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"]
+    assert position_ids.dtype == np.int64 and position_ids.tolist() == [list(range(16))]
+    with safe_open(path, framework="np") as f:
+        assert f.metadata() == {"format": "pt"}
+
+    half = load_file(exported[True]["path"])
+    assert set(half) == set(tensors)
+    assert {str(v.dtype) for k, v in half.items() if not k.endswith("position_ids")} == {"float16"}
+
+
+def test_unmappable_parameter_is_an_error(originals):
+    unet = dict(originals["unet"], **{"add_embedding.linear_1.weight": np.zeros((4, 4), np.float32)})
+    with pytest.raises(ValueError, match="add_embedding"):
+        export.to_original_layout(unet, originals["vae"], originals["text_encoder"])
+
+
+def _run_cli(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "export_single_file.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_writes_default_location(tiny_model, tmp_path):
+    folder = tmp_path / "my-dreambooth"  # a copy, so the shared fixture folder stays untouched
+    shutil.copytree(tiny_model, folder)
+    result = _run_cli(str(folder) + os.sep, "--half")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = folder / "my-dreambooth.safetensors"
+    assert out.is_file() and not os.path.exists(str(out) + ".tmp")
+    assert load_file(str(out))["first_stage_model.quant_conv.weight"].dtype == np.float16
+
+
+def test_cli_rejects_non_pipeline_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    result = _run_cli(str(tmp_path))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a Stable Diffusion pipeline folder" in lines[0], result.stderr
+    assert not list(tmp_path.glob("*.safetensors*"))

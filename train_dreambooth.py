@@ -1,0 +1,794 @@
+#!/usr/bin/env python
+"""DreamBooth fine-tuning of Stable Diffusion with PaddlePaddle and ppdiffusers.
+
+    python -u train_dreambooth.py --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+        --instance_data_dir ./dream_image --instance_prompt "a photo of sks dog" --output_dir ./dream_outputs
+
+Multi-GPU: python -u -m paddle.distributed.launch --gpus "0,1,2,3" train_dreambooth.py ...
+The output folder loads with ppdiffusers.StableDiffusionPipeline.from_pretrained(output_dir).
+
+Read top to bottom: arguments, data, models, the training loop, saving.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger("dreambooth")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"}
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+# Independent random streams, so that e.g. changing augmentation never changes the noise.
+ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
+# Flags that must match between a run and its resumption: they change which batch, noise or
+# model a step sees. Everything else (logging, save interval, ...) may change on resume.
+RESUME_INVARIANT_ARGS = [
+    "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "seed", "height", "width",
+    "with_prior_preservation", "train_text_encoder", "center_crop", "random_flip", "world_size",
+    "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler", "max_train_steps",
+]
+
+
+class DreamBoothError(Exception):
+    """A problem the user can fix: reported as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv=None):
+    p = OneLineErrorParser(description="DreamBooth training for Stable Diffusion (PaddlePaddle / ppdiffusers).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="A ppdiffusers model id (e.g. CompVis/stable-diffusion-v1-4) or a local pipeline folder.")
+    g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or folder, if not the model's own.")
+    g.add_argument("--instance_data_dir", required=True, help="Folder with the photos of your subject.")
+    g.add_argument("--instance_prompt", required=True, help='Prompt naming the subject, e.g. "a photo of sks dog".')
+    g.add_argument("--class_data_dir", default=None, help="Folder of class images for prior preservation.")
+    g.add_argument("--class_prompt", default=None, help='Prompt of the subject\'s class, e.g. "a photo of dog".')
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="Also train on class images with the class prompt, to keep the class word's meaning.")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="Class images wanted; missing ones are generated with the base model.")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    g.add_argument("--height", type=int, default=None, help="Training image height (default 512).")
+    g.add_argument("--width", type=int, default=None, help="Training image width (default 512).")
+    g.add_argument("--resolution", type=int, default=None, help="Sets both --height and --width.")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Center-crop images after resizing (default: random crop).")
+    g.add_argument("--random_flip", action="store_true", help="Randomly flip training images horizontally.")
+    g.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=None,
+                   help="Encode every image once (default: on when no random crop would be lost).")
+    g.add_argument("--no_cache_latents", dest="cache_latents", action="store_false", help="Encode every step.")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", default="dreambooth-model", help="Where the trained pipeline is written.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Allow writing over a finished pipeline in --output_dir.")
+    g.add_argument("--seed", type=int, default=None, help="Random seed (default: drawn and logged).")
+    g.add_argument("--train_text_encoder", action="store_true", help="Also train the text encoder.")
+    g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimizer updates to run; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches accumulated per optimizer update.")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    g.add_argument("--learning_rate", type=float, default=5e-6)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rate by accumulation x batch size x number of processes.")
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup length in optimizer updates.")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.02)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip the global gradient norm (None: off).")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0 = off).")
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (None = off).")
+
+    g = p.add_argument_group("saving and logging")
+    g.add_argument("--save_steps", "--checkpointing_steps", dest="save_steps", type=int, default=500,
+                   help="Save output_dir/checkpoint-<step> every this many optimizer updates.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder to resume from.')
+    g.add_argument("--logging_dir", default="logs", help="Log folder, under output_dir.")
+    g.add_argument("--writer_type", "--report_to", dest="writer_type", default="visualdl",
+                   choices=["visualdl", "tensorboard"], help="Where scalars are logged.")
+    g.add_argument("--logging_steps", type=int, default=1, help="Log scalars every this many updates.")
+
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    if args.resolution is not None:
+        for flag in ("height", "width"):
+            if getattr(args, flag) not in (None, args.resolution):
+                raise DreamBoothError(f"--resolution {args.resolution} contradicts --{flag} {getattr(args, flag)}; "
+                                      "give one of them")
+            setattr(args, flag, args.resolution)
+    args.height = args.height or 512
+    args.width = args.width or 512
+    for flag in ("height", "width"):
+        if getattr(args, flag) <= 0 or getattr(args, flag) % 8:
+            raise DreamBoothError(f"--{flag} {getattr(args, flag)} must be a positive multiple of 8 "
+                                  "(the VAE downsamples by 8)")
+    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size",
+                "save_steps", "logging_steps"]
+    positive += [f for f in ("max_train_steps", "checkpoints_total_limit") if getattr(args, f) is not None]
+    for flag in positive:
+        if getattr(args, flag) <= 0:
+            raise DreamBoothError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
+    if args.learning_rate <= 0:
+        raise DreamBoothError(f"--learning_rate must be positive, got {args.learning_rate}")
+    for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset"):
+        if getattr(args, flag) < 0:
+            raise DreamBoothError(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise DreamBoothError("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
+        if not args.class_data_dir:
+            raise DreamBoothError("--with_prior_preservation needs --class_data_dir (a folder; missing class "
+                                  "images are generated there)")
+    elif args.class_prompt or args.class_data_dir:
+        warnings.warn("--class_prompt/--class_data_dir are ignored without --with_prior_preservation")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def list_images(folder, flag, must_exist=True):
+    """Image files of a folder, sorted; other files are skipped with one warning."""
+    if not os.path.isdir(folder):
+        if not must_exist:
+            return []
+        raise DreamBoothError(f"{flag} {folder}: no such folder; point {flag} at a folder of images")
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    images = [n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    skipped = [n for n in names if n not in images and not n.endswith(".txt")]
+    if skipped:
+        logger.warning("%s %s: skipping %d non-image files: %s", flag, folder, len(skipped), ", ".join(skipped))
+    return [os.path.join(folder, n) for n in images]
+
+
+def open_rgb(path):
+    """Decode any image mode to 8-bit RGB, upright as the camera meant (EXIF orientation)."""
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: rescale, don't clip
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max() or 1.0
+        image = Image.fromarray((values * (255.0 / peak)).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")  # transparent parts become white, not black
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_images(paths, flag):
+    """Decode every file; all unreadable files are named in one error."""
+    images, bad = [], []
+    for path in paths:
+        try:
+            images.append(open_rgb(path))
+        except Exception as e:  # PIL raises many types for corrupt files
+            bad.append(f"{path} ({type(e).__name__})")
+    if bad:
+        raise DreamBoothError(f"{flag}: cannot read {len(bad)} image file(s): {'; '.join(bad)}; "
+                              "remove or re-save them")
+    return images
+
+
+def resize_to_cover(image, height, width):
+    """Scale so the image just covers height x width, keeping its aspect ratio (no squashing)."""
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    return image.resize(size, Image.BICUBIC) if size != image.size else image
+
+
+def crop_box(image, height, width, center, rng):
+    dx, dy = image.width - width, image.height - height
+    x, y = (dx // 2, dy // 2) if center else (int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1)))
+    return x, y, x + width, y + height
+
+
+def to_pixels(image, flip):
+    """PIL RGB -> float32 CHW array in [-1, 1], as the VAE expects."""
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+class TrainImage:
+    """One training image, decoded and resized once; crops and flips are drawn per step."""
+
+    def __init__(self, image, prompt, args):
+        self.image = resize_to_cover(image, args.height, args.width)
+        self.prompt = prompt
+        self.random_crop = not args.center_crop and self.image.size != (args.width, args.height)
+
+    def pixels(self, rng, args):
+        box = crop_box(self.image, args.height, args.width, not self.random_crop, rng)
+        flip = args.random_flip and rng.random() < 0.5
+        return to_pixels(self.image.crop(box), flip), flip
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def world():
+    import paddle.distributed as dist
+
+    return dist.get_world_size(), dist.get_rank()
+
+
+def barrier():
+    import paddle.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def load_text_encoder_class(model):
+    """The text encoder class named in the model's own config (CLIP for SD, BERT-like for Taiyi, ...)."""
+    import ppdiffusers.transformers as transformers
+    from ppdiffusers.transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(model, subfolder="text_encoder")
+    name = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if not hasattr(transformers, name):
+        raise DreamBoothError(f"text_encoder of {model} is a {name}, which ppdiffusers.transformers does not have")
+    return getattr(transformers, name)
+
+
+def load_models(args):
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, each failure named."""
+    from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from ppdiffusers.transformers import AutoTokenizer
+
+    model = args.pretrained_model_name_or_path
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
+        raise DreamBoothError(f"--pretrained_model_name_or_path {model}: not a Stable Diffusion pipeline folder "
+                              "(no model_index.json); give a model id or a folder saved by save_pretrained")
+
+    def load(component, fn):
+        try:
+            return fn()
+        except DreamBoothError:
+            raise
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DreamBoothError(f"cannot load the {component} of {model}: {first_line}") from e
+
+    tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(args.tokenizer_name) if args.tokenizer_name
+                     else AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
+    text_encoder = load("text_encoder", lambda: load_text_encoder_class(model).from_pretrained(
+        model, subfolder="text_encoder"))
+    vae = load("vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
+    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
+    noise_scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def tokenize(tokenizer, prompt):
+    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_attention_mask=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior preservation: class images
+
+
+def class_image_name(prompt, index):
+    return f"{hashlib.sha1(prompt.encode()).hexdigest()[:10]}-{index:05d}.png"
+
+
+def generate_class_images(args, world_size, rank):
+    """Fill --class_data_dir up to --num_class_images with images of the base model for --class_prompt."""
+    import paddle
+    from tqdm.auto import tqdm
+
+    os.makedirs(args.class_data_dir, exist_ok=True)
+    existing = list_images(args.class_data_dir, "--class_data_dir")
+    missing = args.num_class_images - len(existing)
+    if missing <= 0:
+        return
+    taken = set(os.listdir(args.class_data_dir))
+    indices = [i for i in range(args.num_class_images + len(taken)) if class_image_name(args.class_prompt, i)
+               not in taken][:missing]
+    mine = indices[rank::world_size]
+    if rank == 0:
+        logger.info("Generating %d class images for %r in %s", missing, args.class_prompt, args.class_data_dir)
+    if mine:
+        from ppdiffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        bar = tqdm(total=len(mine), desc="class images", disable=rank != 0)
+        for start in range(0, len(mine), args.sample_batch_size):
+            batch = mine[start:start + args.sample_batch_size]
+            # One generator per image: an image depends on the seed and its index, not on rank or batching.
+            generators = [paddle.Generator().manual_seed(args.seed + i) for i in batch]
+            images = pipe([args.class_prompt] * len(batch), height=args.height, width=args.width,
+                          generator=generators).images
+            for i, image in zip(batch, images):
+                path = os.path.join(args.class_data_dir, class_image_name(args.class_prompt, i))
+                image.save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+            bar.update(len(batch))
+        bar.close()
+        del pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step randomness. Every draw is keyed by (seed, epoch, sample's place in the epoch), so a
+# sample gets the same crop, noise and timestep whatever the number of processes, batch size or
+# accumulation, and a resumed run continues exactly where the interrupted one was.
+
+
+def epoch_batches(num_items, epoch, seed, global_batch):
+    """Shuffled item indices of one epoch, wrapped to whole global batches: shape [batches, global_batch]."""
+    order = np.random.default_rng([seed, ORDER_STREAM, epoch]).permutation(num_items)
+    num_batches = math.ceil(num_items / global_batch)
+    return np.resize(order, num_batches * global_batch).reshape(num_batches, global_batch)
+
+
+def draw_noise(seed, key, latent_shape, num_train_timesteps, noise_offset):
+    """Posterior sample noise, diffusion noise and timestep of one training sample."""
+    rng = np.random.default_rng([seed, NOISE_STREAM, *key])
+    posterior_eps = rng.standard_normal(latent_shape, dtype=np.float32)
+    noise = rng.standard_normal(latent_shape, dtype=np.float32)
+    if noise_offset:
+        noise += noise_offset * rng.standard_normal((latent_shape[0], 1, 1), dtype=np.float32)
+    return posterior_eps, noise, int(rng.integers(0, num_train_timesteps))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def compute_loss(model_pred, target, num_instance, args, snr=None):
+    """Per-sample MSE, optionally Min-SNR weighted; instance mean + prior_loss_weight x class mean.
+
+    The first num_instance samples of the batch are instance images, the rest class images.
+    """
+    per_sample = ((model_pred.astype("float32") - target.astype("float32")) ** 2).mean(axis=[1, 2, 3])
+    if snr is not None:
+        clipped = snr.clip(max=args.snr_gamma)
+        # Min-SNR: weight = min(snr, gamma) / snr for epsilon; for velocity the target already carries
+        # a factor (snr + 1) relative to epsilon, so divide by snr + 1.
+        per_sample = per_sample * (clipped / (snr + 1 if args.prediction_type == "v_prediction" else snr))
+    loss = per_sample[:num_instance].mean()
+    if num_instance < per_sample.shape[0]:
+        loss = loss + args.prior_loss_weight * per_sample[num_instance:].mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def atomic_dir(final):
+    """A fresh temporary folder beside `final`; commit_dir renames it into place."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_dir(tmp, final):
+    """Replace `final` by `tmp` so that `final` is at every moment either the old or the new folder."""
+    old = f"{final}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pipeline(args, unet, text_encoder, tokenizer, folder):
+    """Write a full ppdiffusers pipeline: the trained UNet (and text encoder), the rest from the base."""
+    from ppdiffusers import StableDiffusionPipeline
+    from ppdiffusers.training_utils import unwrap_model
+
+    components = dict(unet=unwrap_model(unet), text_encoder=unwrap_model(text_encoder), tokenizer=tokenizer)
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **components)
+    pipe.save_pretrained(folder)
+
+
+def save_training_state(args, folder, optimizer, lr_scheduler, position):
+    import paddle
+
+    paddle.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pdopt"))
+    state = dict(position, lr_scheduler=lr_scheduler.state_dict(),
+                 args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
+    with open(os.path.join(folder, "training_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def checkpoint_step(name):
+    try:
+        return int(name.rsplit("-", 1)[1]) if name.startswith("checkpoint-") and "." not in name else None
+    except ValueError:
+        return None
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints of output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(s for s in map(checkpoint_step, os.listdir(output_dir)) if s is not None)
+    return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
+
+
+def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position):
+    final = os.path.join(args.output_dir, f"checkpoint-{position['global_step']}")
+    tmp = atomic_dir(final)
+    save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+    save_training_state(args, tmp, optimizer, lr_scheduler, position)
+    commit_dir(tmp, final)
+    if args.checkpoints_total_limit:  # only now that the new one is complete
+        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    logger.info("Saved checkpoint %s", final)
+
+
+def save_final(args, unet, text_encoder, tokenizer):
+    """The finished pipeline goes to output_dir itself, beside logs and checkpoints.
+
+    It is staged in a temporary folder; model_index.json (what makes the folder loadable) moves last.
+    """
+    tmp = atomic_dir(os.path.join(args.output_dir, ".final"))
+    save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "model_index.json")
+    for name in names:
+        commit_dir(os.path.join(tmp, name), os.path.join(args.output_dir, name)) if os.path.isdir(
+            os.path.join(tmp, name)) else os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+    os.rmdir(tmp)
+    logger.info("Saved the trained pipeline to %s", args.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+def make_writer(args):
+    logdir = os.path.join(args.output_dir, args.logging_dir)
+    if args.writer_type == "tensorboard":
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise DreamBoothError("--writer_type tensorboard needs tensorboardX: pip install tensorboardX")
+        return SummaryWriter(logdir)
+    from visualdl import LogWriter
+
+    return LogWriter(logdir=logdir)
+
+
+def setup_logging(rank):
+    import ppdiffusers
+    from paddlenlp.utils.log import logger as paddlenlp_logger
+
+    logging.basicConfig(format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True)
+    logging.captureWarnings(True)
+    # The libraries' own per-file loading chatter would drown the trainer's log.
+    ppdiffusers.utils.logging.set_verbosity_error()
+    ppdiffusers.utils.logging.disable_progress_bar()
+    paddlenlp_logger.set_level("ERROR")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def main(args):
+    import paddle
+    import paddle.distributed as dist
+    from ppdiffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    world_size, rank = world()
+    setup_logging(rank)
+    if world_size > 1:
+        dist.init_parallel_env()
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+        logger.info("No --seed given: using --seed %d", args.seed)
+    args.world_size = world_size
+    paddle.seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    # --- Data: everything is checked before anything is written.
+    instance_paths = list_images(args.instance_data_dir, "--instance_data_dir")
+    if not instance_paths:
+        raise DreamBoothError(f"--instance_data_dir {args.instance_data_dir} holds no images "
+                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
+    instance_images = load_images(instance_paths, "--instance_data_dir")
+    resume_from = find_resume_checkpoint(args)
+    prepare_output_dir(args, resume_from, rank)
+
+    if args.with_prior_preservation:
+        if rank == 0 or world_size > 1:
+            generate_class_images(args, world_size, rank)
+        barrier()  # every rank waits until all class images are on disk
+        class_paths = list_images(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
+        if not class_paths:
+            raise DreamBoothError(f"--class_data_dir {args.class_data_dir} holds no images; "
+                                  "set --num_class_images > 0 to generate them")
+        class_images = load_images(class_paths, "--class_data_dir")
+    instances = [TrainImage(im, args.instance_prompt, args) for im in instance_images]
+    classes = [TrainImage(im, args.class_prompt, args) for im in class_images] if args.with_prior_preservation \
+        else []
+    num_items = max(len(instances), len(classes))
+    logger.info("%d instance images, %d class images, %d examples per epoch", len(instances), len(classes),
+                num_items)
+
+    # --- Models.
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    args.prediction_type = noise_scheduler.config.prediction_type
+    vae_scale = vae.config.scaling_factor
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_shape = (vae.config.latent_channels, args.height // vae_factor, args.width // vae_factor)
+    vae.eval()
+    for p in vae.parameters():
+        p.stop_gradient = True
+    text_encoder.train() if args.train_text_encoder else text_encoder.eval()
+    for p in text_encoder.parameters():
+        p.stop_gradient = not args.train_text_encoder
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    # --- What never changes is computed once: prompt embeddings of a frozen text encoder, and the
+    # VAE posterior (mean, std) of each image when no random crop would be lost by caching.
+    prompt_ids = {p: tokenize(tokenizer, p) for p in {it.prompt for it in instances + classes}}
+    if args.cache_latents is None:
+        args.cache_latents = not any(it.random_crop for it in instances + classes)
+    elif args.cache_latents and any(it.random_crop for it in instances + classes):
+        logger.warning("--cache_latents: images are center-cropped once instead of randomly per step")
+    embeddings = {}
+    if not args.train_text_encoder:
+        with paddle.no_grad():
+            embeddings = {p: text_encoder(paddle.to_tensor([ids]))[0] for p, ids in prompt_ids.items()}
+    posterior_cache = {}
+    if args.cache_latents:
+        with paddle.no_grad():
+            for item in instances + classes:
+                for flip in ([False, True] if args.random_flip else [False]):
+                    box = crop_box(item.image, args.height, args.width, True, None)
+                    pixels = paddle.to_tensor(to_pixels(item.image.crop(box), flip)[None])
+                    dist_ = vae.encode(pixels).latent_dist
+                    posterior_cache[id(item), flip] = (dist_.mean[0], dist_.std[0])
+
+    # --- Optimizer and schedule, all counted in optimizer updates.
+    global_batch = args.train_batch_size * world_size
+    batches_per_epoch = math.ceil(num_items / global_batch)
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world_size
+    if args.train_batch_size > len(instances):
+        logger.warning("--train_batch_size %d is larger than the %d instance images: batches repeat images",
+                       args.train_batch_size, len(instances))
+    lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
+                                 num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=lr_scheduler, parameters=params, beta1=args.adam_beta1, beta2=args.adam_beta2,
+        epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm else None)
+
+    position = dict(global_step=0, epoch=0, batch=0)
+    if resume_from:
+        position = load_training_state(args, resume_from, optimizer, lr_scheduler)
+        logger.info("Resuming from %s at update %d", resume_from, position["global_step"])
+
+    if world_size > 1:
+        unet = paddle.DataParallel(unet)
+        if args.train_text_encoder:
+            text_encoder = paddle.DataParallel(text_encoder)
+    trained = [unet] + ([text_encoder] if args.train_text_encoder else [])
+
+    def no_sync():
+        """Skip the gradient all-reduce on accumulation micro-steps; it runs on the last one."""
+        stack = contextlib.ExitStack()
+        for model in trained:
+            if isinstance(model, paddle.DataParallel):
+                stack.enter_context(model.no_sync())
+        return stack
+
+    def training_batch(epoch, batch_index, batch_items):
+        """Model inputs and target for this rank's share of one global batch."""
+        # A sample's randomness is keyed by its place in the epoch's stream of samples, so batch 2,
+        # batch 1 x accumulation 2, and 2 processes x batch 1 all see the same noise for it.
+        mine = range(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
+        keyed = [(instances[batch_items[pos] % len(instances)], (epoch, batch_index * global_batch + pos, 0))
+                 for pos in mine]
+        if classes:  # class samples follow the instance samples in the same forward pass
+            keyed += [(classes[batch_items[pos] % len(classes)], (epoch, batch_index * global_batch + pos, 1))
+                      for pos in mine]
+        means, stds, eps, noise, timesteps, pixels = [], [], [], [], [], []
+        for item, key in keyed:
+            aug_rng = np.random.default_rng([args.seed, AUGMENT_STREAM, *key])
+            if args.cache_latents:
+                flip = bool(args.random_flip and aug_rng.random() < 0.5)
+                mean, std = posterior_cache[id(item), flip]
+                means.append(mean)
+                stds.append(std)
+            else:
+                pixels.append(item.pixels(aug_rng, args)[0])
+            e, n, t = draw_noise(args.seed, key, latent_shape, noise_scheduler.config.num_train_timesteps,
+                                 args.noise_offset)
+            eps.append(e)
+            noise.append(n)
+            timesteps.append(t)
+        if args.cache_latents:
+            mean, std = paddle.stack(means), paddle.stack(stds)
+        else:
+            with paddle.no_grad():
+                posterior = vae.encode(paddle.to_tensor(np.stack(pixels))).latent_dist
+            mean, std = posterior.mean, posterior.std
+        latents = (mean + std * paddle.to_tensor(np.stack(eps))) * vae_scale
+        noise = paddle.to_tensor(np.stack(noise))
+        timesteps = paddle.to_tensor(timesteps, dtype="int64")
+        prompts = [item.prompt for item, _ in keyed]
+        if args.train_text_encoder:
+            encoder_states = text_encoder(paddle.to_tensor([prompt_ids[p] for p in prompts]))[0]
+        else:
+            encoder_states = paddle.concat([embeddings[p] for p in prompts])
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) \
+            if args.prediction_type == "v_prediction" else noise
+        return noisy, timesteps, encoder_states, target
+
+    def snr_of(timesteps):
+        from ppdiffusers.training_utils import compute_snr
+
+        return compute_snr(noise_scheduler, timesteps) if args.snr_gamma else None
+
+    writer = make_writer(args) if rank == 0 else None
+    logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
+                args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
+                args.gradient_accumulation_steps, args.learning_rate)
+    bar = tqdm(total=args.max_train_steps, initial=position["global_step"], desc="steps", disable=rank != 0)
+    global_step = position["global_step"]
+    stop = global_step >= args.max_train_steps
+    started = time.time()
+    for epoch in range(position["epoch"], num_epochs):
+        if stop:
+            break
+        order = epoch_batches(num_items, epoch, args.seed, global_batch)
+        first_batch = position["batch"] if epoch == position["epoch"] else 0
+        # Accumulation groups never cross the epoch's end: the last group may be shorter,
+        # and its loss is averaged over the micro-batches it really has.
+        for group_start in range(first_batch, batches_per_epoch, args.gradient_accumulation_steps):
+            group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
+            group_loss = 0.0
+            for batch_index in group:
+                noisy, timesteps, states, target = training_batch(epoch, batch_index, order[batch_index])
+                with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
+                    pred = unet(noisy, timesteps, states).sample
+                    loss = compute_loss(pred, target, args.train_batch_size, args, snr_of(timesteps)) / len(group)
+                    loss.backward()
+                group_loss += float(loss)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.clear_grad(set_to_zero=False)
+            global_step += 1
+            position = dict(global_step=global_step, epoch=epoch, batch=group[-1] + 1)
+            if position["batch"] == batches_per_epoch:
+                position.update(epoch=epoch + 1, batch=0)
+            bar.update(1)
+            if rank == 0:
+                lr = optimizer.get_lr()
+                bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
+                if global_step % args.logging_steps == 0:
+                    writer.add_scalar("train/loss", group_loss, global_step)
+                    writer.add_scalar("train/lr", lr, global_step)
+            if not math.isfinite(group_loss):
+                raise DreamBoothError(f"loss is {group_loss} at update {global_step}; lower --learning_rate "
+                                      "(the last checkpoint is untouched)")
+            if global_step % args.save_steps == 0 and global_step < args.max_train_steps and rank == 0:
+                save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position)
+            if global_step >= args.max_train_steps:
+                stop = True
+                break
+    bar.close()
+    elapsed = time.time() - started
+    if rank == 0:
+        logger.info("Trained to update %d in %.1f s", global_step, elapsed)
+        save_final(args, unet, text_encoder, tokenizer)
+        writer.close()
+    barrier()
+
+
+def find_resume_checkpoint(args):
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
+            return None
+        return found[-1]
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "training_state.json")):
+        raise DreamBoothError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder "
+                              "(no training_state.json); use latest or an output_dir/checkpoint-<step> folder")
+    return args.resume_from_checkpoint
+
+
+def load_training_state(args, folder, optimizer, lr_scheduler):
+    import paddle
+
+    with open(os.path.join(folder, "training_state.json")) as f:
+        state = json.load(f)
+    for key, saved in state["args"].items():
+        if getattr(args, key) != saved:
+            raise DreamBoothError(f"--{key} is {getattr(args, key)!r} but {folder} was trained with {saved!r}; "
+                                  f"resume with the same --{key} or start a new --output_dir")
+    optimizer.set_state_dict(paddle.load(os.path.join(folder, "optimizer.pdopt")))
+    lr_scheduler.set_state_dict(state.pop("lr_scheduler"))
+    return {k: state[k] for k in ("global_step", "epoch", "batch")}
+
+
+def prepare_output_dir(args, resume_from, rank):
+    """Refuse to overwrite a finished pipeline of another run; check that output_dir is writable."""
+    finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
+    if finished and not resume_from and not args.overwrite_output_dir:
+        raise DreamBoothError(f"--output_dir {args.output_dir} already holds a trained pipeline; pass "
+                              "--overwrite_output_dir, --resume_from_checkpoint latest, or choose another folder")
+    if rank == 0:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise DreamBoothError(f"--output_dir {args.output_dir} is not writable ({e.strerror}); "
+                                  "choose a folder you can write to")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except DreamBoothError as e:
+        print(f"train_dreambooth.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
