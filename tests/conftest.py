@@ -1,10 +1,18 @@
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+PROMPT = "a photo of sks dog"
+CLASS_PROMPT = "a photo of dog"
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +23,49 @@ def tiny_model(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_model"))
     save_tiny_pipeline(out)
     return out
+
+
+def make_images(folder, n=4, size=(72, 64), seed=0, ext="png"):
+    """n random RGB images of size (width, height) in folder; returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"img{i}.{ext}"))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("instance"), n=4)
+
+
+def train_args(model, instance, output, *extra):
+    """The seed's command line shrunk to the tiny model: 64x64, a few steps."""
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
+            "--output_dir", str(output), "--instance_prompt", PROMPT, "--resolution", "64",
+            "--train_batch_size", "1", "--learning_rate", "1e-3", "--lr_scheduler", "constant",
+            "--lr_warmup_steps", "0", "--max_train_steps", "2", "--seed", "0", *map(str, extra)]
+
+
+def run_train(*argv):
+    """Run the trainer in this process (no import cost); DreamBoothError propagates."""
+    import train_dreambooth
+
+    return train_dreambooth.main(train_dreambooth.parse_args([str(a) for a in argv]))
+
+
+def run_cli(args, env=None, cwd=ROOT, timeout=600):
+    """Run a command as a user would; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_weights(folder, component="unet"):
+    """A component's weights as numpy arrays, read straight from the safetensors file."""
+    from safetensors.numpy import load_file
+
+    sub = os.path.join(folder, component)
+    files = [f for f in os.listdir(sub) if f.endswith(".safetensors")]
+    assert len(files) == 1, files
+    return load_file(os.path.join(sub, files[0]))
