@@ -150,7 +150,8 @@ def pytorch_state_dict(layer):
     """
     import paddle
 
-    linear = {f"{name}.weight" for name, sub in layer.named_sublayers() if isinstance(sub, paddle.nn.Linear)}
+    linear = {f"{name}.weight".lstrip(".") for name, sub in layer.named_sublayers(include_self=True)
+              if isinstance(sub, paddle.nn.Linear)}
     state = {}
     for key, value in layer.state_dict().items():
         # numpy has no bfloat16 (Paddle hands it out as uint16), so widen half types first.

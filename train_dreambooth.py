@@ -709,6 +709,7 @@ def main(args):
                     loss = compute_loss(pred, target, args.train_batch_size, args, snr_of(timesteps)) / len(group)
                     loss.backward()
                 group_loss += float(loss)
+            lr = optimizer.get_lr()  # the rate this update uses
             optimizer.step()
             lr_scheduler.step()
             optimizer.clear_grad(set_to_zero=False)
@@ -718,7 +719,6 @@ def main(args):
                 position.update(epoch=epoch + 1, batch=0)
             bar.update(1)
             if rank == 0:
-                lr = optimizer.get_lr()
                 bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
                 if global_step % args.logging_steps == 0:
                     writer.add_scalar("train/loss", group_loss, global_step)
@@ -733,11 +733,29 @@ def main(args):
                 break
     bar.close()
     elapsed = time.time() - started
+    if world_size > 1:
+        check_ranks_agree(trained)
     if rank == 0:
         logger.info("Trained to update %d in %.1f s", global_step, elapsed)
         save_final(args, unet, text_encoder, tokenizer)
         writer.close()
     barrier()
+
+
+def check_ranks_agree(models):
+    """Data parallel must leave every rank with the same weights; a silent divergence would be
+    saved by rank 0 alone, so compare a fingerprint of the weights across ranks."""
+    import paddle
+    import paddle.distributed as dist
+
+    fingerprint = paddle.to_tensor([sum(float(p.astype("float64").abs().sum()) for m in models
+                                        for p in m.parameters())], dtype="float64")
+    gathered = []
+    dist.all_gather(gathered, fingerprint)
+    values = [g.item() for g in gathered]
+    if max(values) != min(values):
+        raise DreamBoothError(f"ranks ended with different weights (fingerprints {values})")
+    logger.info("Weights identical on all %d ranks (fingerprint %.10g)", len(values), values[0])
 
 
 def find_resume_checkpoint(args):

@@ -41,11 +41,21 @@ def instance_dir(tmp_path_factory):
 
 
 def train_args(model, instance, output, *extra):
-    """The seed's command line shrunk to the tiny model: 64x64, a few steps."""
-    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
-            "--output_dir", str(output), "--instance_prompt", PROMPT, "--resolution", "64",
-            "--train_batch_size", "1", "--learning_rate", "1e-3", "--lr_scheduler", "constant",
-            "--lr_warmup_steps", "0", "--max_train_steps", "2", "--seed", "0", *map(str, extra)]
+    """The seed's command line shrunk to the tiny model: 64x64, a few steps.
+
+    A flag in `extra` replaces the default one; followed by None it removes it."""
+    defaults = {"--pretrained_model_name_or_path": model, "--instance_data_dir": instance, "--output_dir": output,
+                "--instance_prompt": PROMPT, "--resolution": 64, "--train_batch_size": 1, "--learning_rate": 1e-3,
+                "--lr_scheduler": "constant", "--lr_warmup_steps": 0, "--max_train_steps": 2, "--seed": 0}
+    extra = list(extra)
+    for flag in [e for e in extra if isinstance(e, str) and e in defaults]:
+        del defaults[flag]
+    argv = [str(x) for kv in defaults.items() for x in kv]
+    for i, e in enumerate(extra):
+        if e is None or (i + 1 < len(extra) and extra[i + 1] is None):
+            continue
+        argv.append(str(e))
+    return argv
 
 
 def run_train(*argv):
@@ -69,3 +79,16 @@ def load_weights(folder, component="unet"):
     files = [f for f in os.listdir(sub) if f.endswith(".safetensors")]
     assert len(files) == 1, files
     return load_file(os.path.join(sub, files[0]))
+
+
+def logged_scalars(output_dir, tag, logging_dir="logs"):
+    """{step: value} of a scalar the trainer logged to VisualDL under output_dir/logging_dir."""
+    from visualdl import LogReader
+
+    folder = os.path.join(output_dir, logging_dir)
+    values = {}
+    for name in sorted(os.listdir(folder)):
+        reader = LogReader(file_path=os.path.join(folder, name))
+        if tag in reader.get_tags().get("scalar", []):
+            values.update({r.id: r.value for r in reader.get_data("scalar", tag)})
+    return values

@@ -14,10 +14,19 @@ import export_single_file as export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The tiny model in the original (CompVis) config format, so ppdiffusers' own converter can read
-# the exported file back. Level 0 (attention at downsampling factor 1) is the only one with
-# cross-attention, as CrossAttnDownBlock2D/DownBlock2D in tiny_sd.py.
-TINY_ORIGINAL_CONFIG = """
+def _config(folder, sub):
+    with open(os.path.join(folder, sub, "config.json")) as f:
+        return json.load(f)
+
+
+def original_config_yaml(folder):
+    """The pipeline's architecture in the original (CompVis) config format, derived from its
+    config.json files so that ppdiffusers' own converter can read the exported file back."""
+    unet, vae = _config(folder, "unet"), _config(folder, "vae")
+    ch, vae_ch = unet["block_out_channels"][0], vae["block_out_channels"][0]
+    # The original marks attention levels by downsampling factor (1, 2, 4, ...).
+    attn = [2 ** i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]
+    return f"""
 model:
   target: ldm.models.diffusion.ddpm.LatentDiffusion
   params:
@@ -28,36 +37,37 @@ model:
     unet_config:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
-        image_size: 32
-        in_channels: 4
-        out_channels: 4
-        model_channels: 32
-        attention_resolutions: [1]
-        num_res_blocks: 1
-        channel_mult: [1, 2]
-        num_heads: 8
+        image_size: {unet["sample_size"]}
+        in_channels: {unet["in_channels"]}
+        out_channels: {unet["out_channels"]}
+        model_channels: {ch}
+        attention_resolutions: {attn}
+        num_res_blocks: {unet["layers_per_block"]}
+        channel_mult: {[c // ch for c in unet["block_out_channels"]]}
+        num_heads: {unet["attention_head_dim"]}
         use_spatial_transformer: true
         transformer_depth: 1
-        context_dim: 32
+        context_dim: {unet["cross_attention_dim"]}
         legacy: false
     first_stage_config:
       target: ldm.models.autoencoder.AutoencoderKL
       params:
-        embed_dim: 4
+        embed_dim: {vae["latent_channels"]}
         ddconfig:
           double_z: true
-          z_channels: 4
-          resolution: 64
-          in_channels: 3
-          out_ch: 3
-          ch: 32
-          ch_mult: [1, 2]
-          num_res_blocks: 1
+          z_channels: {vae["latent_channels"]}
+          resolution: {vae["sample_size"]}
+          in_channels: {vae["in_channels"]}
+          out_ch: {vae["out_channels"]}
+          ch: {vae_ch}
+          ch_mult: {[c // vae_ch for c in vae["block_out_channels"]]}
+          num_res_blocks: {vae["layers_per_block"]}
           attn_resolutions: []
           dropout: 0.0
     cond_stage_config:
       target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
 """
+
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
@@ -92,7 +102,7 @@ def _read_back_with_ppdiffusers(path, tiny_model, tmp_path):
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     config = tmp_path / "tiny-inference.yaml"
-    config.write_text(TINY_ORIGINAL_CONFIG)
+    config.write_text(original_config_yaml(tiny_model))
     # The converter fills a given text-encoder shell instead of fetching openai/clip-vit-large-patch14;
     # a differently seeded one makes any parameter it fails to fill show up as a mismatch.
     rng = paddle.get_rng_state()
@@ -120,24 +130,26 @@ def test_round_trip_through_ppdiffusers_converter(tiny_model, originals, exporte
             assert np.array_equal(got[key], want), f"{name}.{key} differs after the round trip"
 
 
-def test_original_key_names_and_layout(tiny_model, exported):
-    with open(os.path.join(tiny_model, "unet", "config.json")) as f:
-        unet_config = json.load(f)
-    # input_blocks.1.1 (first resnet's attention) exists only because level 0 has cross-attention.
-    assert unet_config["down_block_types"][0] == "CrossAttnDownBlock2D"
+def test_original_key_names_and_layout(tiny_model, originals, exported):
+    unet, vae, text = (_config(tiny_model, sub) for sub in COMPONENTS)
+    # input_blocks.1.1 (the first resnet's attention) exists only because level 0 has cross-attention;
+    # output_blocks.1.1 is then the upsampler of the attention-free first up block.
+    assert unet["down_block_types"][0] == "CrossAttnDownBlock2D" and unet["layers_per_block"] == 1
+    assert unet["up_block_types"][0] == "UpBlock2D"
 
     path = exported[False]["path"]
     tensors = load_file(path)
     summary = exported[False]
     assert len(tensors) == summary["tensors"] == summary["unet"] + summary["vae"] + summary["text_encoder"]
-    assert (summary["unet"], summary["vae"], summary["text_encoder"]) == (208, 124, 36 + 1)  # + position_ids
+    assert (summary["unet"], summary["vae"], summary["text_encoder"]) == (
+        len(originals["unet"]), len(originals["vae"]), len(originals["text_encoder"]) + 1)  # + position_ids
     for key in (
         "model.diffusion_model.input_blocks.0.0.weight",
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
         "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
         "model.diffusion_model.input_blocks.2.0.op.weight",
         "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
-        "model.diffusion_model.output_blocks.1.1.conv.weight",  # upsampler of an up block without attention
+        "model.diffusion_model.output_blocks.1.1.conv.weight",
         "model.diffusion_model.time_embed.0.weight",
         "model.diffusion_model.out.2.weight",
         "first_stage_model.encoder.conv_in.weight",
@@ -150,14 +162,20 @@ def test_original_key_names_and_layout(tiny_model, exported):
         assert key in tensors, key
     assert all(k.startswith(PREFIXES) for k in tensors), [k for k in tensors if not k.startswith(PREFIXES)]
 
-    # PyTorch orientation: Linear weights are [out, in]; VAE attention is a 1x1 conv.
-    assert tensors["model.diffusion_model.time_embed.0.weight"].shape == (128, 32)
-    assert tensors["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"].shape == (32, 128)
-    assert tensors["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"].shape == (128, 32)
-    assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
-    assert tensors["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (32, 32, 1, 1)
+    # PyTorch orientation: Linear weights are [out, in]; VAE attention and proj_in are 1x1 convs.
+    ch, time_dim, hidden = unet["block_out_channels"][0], 4 * unet["block_out_channels"][0], text["hidden_size"]
+    vae_mid = vae["block_out_channels"][-1]
+    for key, shape in {
+        "model.diffusion_model.time_embed.0.weight": (time_dim, ch),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight": (ch, 4 * ch),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (ch, ch, 1, 1),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (text["intermediate_size"], hidden),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (vae_mid, vae_mid, 1, 1),
+    }.items():
+        assert tensors[key].shape == shape, key
     position_ids = tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"]
-    assert position_ids.dtype == np.int64 and position_ids.tolist() == [list(range(16))]
+    assert position_ids.dtype == np.int64
+    assert position_ids.tolist() == [list(range(text["max_position_embeddings"]))]
     with safe_open(path, framework="np") as f:
         assert f.metadata() == {"format": "pt"}
 

@@ -1,0 +1,159 @@
+"""The loss, gradient accumulation, the lr schedule and data parallel, each against an
+independent computation."""
+import os
+
+import numpy as np
+import pytest
+
+from conftest import CLASS_PROMPT, ROOT, load_weights, logged_scalars, make_images, run_cli, run_train, train_args
+
+
+# Adam's first step moves every weight by ~lr*sign(g), which turns float noise in gradients that are
+# zero in exact arithmetic (a conv bias feeding a GroupNorm) into full-size steps. With a large
+# epsilon the update is ~lr*g, so comparing weights compares the gradients themselves.
+GRADIENT_LIKE = ["--learning_rate", 0.1, "--adam_epsilon", 1.0]
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+    assert worst <= atol, f"largest weight difference {worst}"
+
+
+def test_compute_loss_is_instance_mse_plus_weighted_prior_mse():
+    import paddle
+    from train_dreambooth import compute_loss, parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
+                       "--prior_loss_weight", "0.3"])
+    args.prediction_type = "epsilon"
+    rng = np.random.default_rng(0)
+    pred, target = rng.standard_normal((2, 4, 4, 8, 8)).astype(np.float32)
+    loss = compute_loss(paddle.to_tensor(pred), paddle.to_tensor(target), 2, args)
+    by_hand = ((pred[:2] - target[:2]) ** 2).mean() + 0.3 * ((pred[2:] - target[2:]) ** 2).mean()
+    np.testing.assert_allclose(float(loss), by_hand, rtol=1e-6)
+    # Without class samples it is the plain MSE.
+    loss = compute_loss(paddle.to_tensor(pred), paddle.to_tensor(target), 4, args)
+    np.testing.assert_allclose(float(loss), ((pred - target) ** 2).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_split_with_the_prior_batch(prediction_type):
+    import paddle
+    from train_dreambooth import compute_loss, parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
+                       "--prior_loss_weight", "0.5", "--snr_gamma", "5"])
+    args.prediction_type = prediction_type
+    rng = np.random.default_rng(1)
+    pred, target = rng.standard_normal((2, 4, 4, 8, 8)).astype(np.float32)
+    snr = np.array([0.5, 20.0, 3.0, 100.0], dtype=np.float32)
+    loss = compute_loss(paddle.to_tensor(pred), paddle.to_tensor(target), 2, args, paddle.to_tensor(snr))
+    mse = ((pred - target) ** 2).mean(axis=(1, 2, 3))
+    denominator = snr + 1 if prediction_type == "v_prediction" else snr
+    weighted = mse * np.minimum(snr, 5.0) / denominator
+    np.testing.assert_allclose(float(loss), weighted[:2].mean() + 0.5 * weighted[2:].mean(), rtol=1e-5)
+
+
+def test_logged_loss_of_first_update_matches_an_independent_computation(tiny_model, instance_dir, tmp_path):
+    """Rebuild update 1's batch from the trainer's documented randomness and recompute the loss
+    with numpy and the base UNet: instance MSE + w x prior MSE."""
+    import paddle
+    from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
+    from PIL import Image
+
+    import train_dreambooth as tdb
+
+    class_dir = make_images(tmp_path / "class", n=3, size=(64, 64), seed=5)
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--with_prior_preservation", "--class_prompt",
+                          CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", 3,
+                          "--prior_loss_weight", 0.7, "--max_train_steps", 1, "--center_crop"))
+    logged = logged_scalars(out, "train/loss")[1]
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler")
+    alphas_cumprod = scheduler.alphas_cumprod.numpy().astype(np.float64)
+
+    def image_array(path):  # 72x64 instance images: resize to cover 64x64, center crop, [-1, 1]
+        im = Image.open(path).convert("RGB")
+        scale = max(64 / im.height, 64 / im.width)
+        im = im.resize((max(64, round(im.width * scale)), max(64, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - 64) // 2, (im.height - 64) // 2
+        return np.asarray(im.crop((left, top, left + 64, top + 64)), np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+    inst = sorted(os.listdir(instance_dir))
+    cls = sorted(os.listdir(class_dir))
+    order = np.random.default_rng([0, tdb.ORDER_STREAM, 0]).permutation(max(len(inst), len(cls)))
+    item = order[0]
+    samples = [(os.path.join(instance_dir, inst[item % len(inst)]), "a photo of sks dog", 0),
+               (os.path.join(class_dir, cls[item % len(cls)]), CLASS_PROMPT, 1)]
+    errors = []
+    with paddle.no_grad():
+        for path, prompt, kind in samples:
+            rng = np.random.default_rng([0, tdb.NOISE_STREAM, 0, 0, kind])
+            eps = rng.standard_normal((4, 8, 8), dtype=np.float32)
+            noise = rng.standard_normal((4, 8, 8), dtype=np.float32)
+            t = int(rng.integers(0, 1000))
+            posterior = vae.encode(paddle.to_tensor(image_array(path)[None])).latent_dist
+            latent = (posterior.mean.numpy()[0] + posterior.std.numpy()[0] * eps) * vae.config.scaling_factor
+            noisy = np.sqrt(alphas_cumprod[t]) * latent + np.sqrt(1 - alphas_cumprod[t]) * noise
+            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length)["input_ids"]
+            states = text_encoder(paddle.to_tensor([ids]))[0]
+            pred = unet(paddle.to_tensor(noisy[None].astype(np.float32)), paddle.to_tensor([t]), states).sample
+            errors.append(float(((pred.numpy()[0].astype(np.float64) - noise) ** 2).mean()))
+    assert logged == pytest.approx(errors[0] + 0.7 * errors[1], rel=1e-4)
+
+
+def test_accumulation_equals_the_larger_batch(tiny_model, instance_dir, tmp_path):
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "b2", "--train_batch_size", 2,
+                          "--max_train_steps", 1, *GRADIENT_LIKE))
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "acc2", "--train_batch_size", 1,
+                          "--gradient_accumulation_steps", 2, "--max_train_steps", 1, *GRADIENT_LIKE))
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "b1", "--train_batch_size", 1,
+                          "--max_train_steps", 1, *GRADIENT_LIKE))
+    assert_same_weights(tmp_path / "b2", tmp_path / "acc2", atol=1e-5)
+    # and the comparison can fail: one micro-batch alone is a different update
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "b2", tmp_path / "b1", atol=1e-5)
+
+
+def test_warmup_is_counted_in_optimizer_updates(tiny_model, instance_dir, tmp_path):
+    common = ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 2, "--max_train_steps", 4,
+              "--learning_rate", 1e-3]
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "a", *common))
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "b", *common, "--gradient_accumulation_steps", 2))
+    plain, accumulated = logged_scalars(tmp_path / "a", "train/lr"), logged_scalars(tmp_path / "b", "train/lr")
+    expected = {1: 0.0, 2: 0.5e-3, 3: 1e-3, 4: 1e-3}  # linear warmup over updates 1-2, then the full rate
+    for step, lr in expected.items():
+        assert plain[step] == pytest.approx(lr) and accumulated[step] == pytest.approx(lr), (plain, accumulated)
+
+
+def test_no_gradient_crosses_an_epoch_boundary(tiny_model, tmp_path):
+    """3 images, accumulation 2: each epoch is one full update and one of a single micro-batch,
+    and the epoch's leftover batch must not leak into the next epoch's first update."""
+    three = make_images(tmp_path / "three", n=3)
+    run_train(*train_args(tiny_model, three, tmp_path / "out", "--gradient_accumulation_steps", 2,
+                          "--num_train_epochs", 2, "--max_train_steps", None))
+    steps = logged_scalars(tmp_path / "out", "train/loss")
+    assert sorted(steps) == [1, 2, 3, 4]
+
+
+def test_two_processes_equal_one_process_on_the_union_of_their_batches(tiny_model, instance_dir, tmp_path):
+    """Rank r of 2 (batch 1) trains on the r-th sample of the global batch the one-process run
+    (batch 2) sees whole: after two updates their weights agree within float tolerance."""
+    two = tmp_path / "two"
+    cmd = ["python", "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"),
+           "train_dreambooth.py", *train_args(tiny_model, instance_dir, two, "--max_train_steps", 2, *GRADIENT_LIKE)]
+    result = run_cli(cmd)
+    logs = "".join(open(tmp_path / "log" / f).read() for f in os.listdir(tmp_path / "log") if "workerlog" in f)
+    assert result.returncode == 0, logs[-3000:]
+    assert "Weights identical on all 2 ranks" in logs
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "one", "--train_batch_size", 2,
+                          "--max_train_steps", 2, *GRADIENT_LIKE))
+    assert_same_weights(two, tmp_path / "one", atol=1e-5)
