@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -32,16 +34,21 @@ LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine
 # Independent random streams, so that e.g. changing augmentation never changes the noise.
 ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
 # Flags that must match between a run and its resumption: they change which batch, noise or
-# model a step sees. Everything else (logging, save interval, ...) may change on resume.
+# model a step sees. Everything else may change on resume; a new --max_train_steps extends or
+# shortens the run (and stretches a decaying lr schedule to the new length).
 RESUME_INVARIANT_ARGS = [
     "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "seed", "height", "width",
     "with_prior_preservation", "train_text_encoder", "center_crop", "random_flip", "world_size",
-    "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler", "max_train_steps",
+    "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler",
 ]
 
 
 class DreamBoothError(Exception):
     """A problem the user can fix: reported as one line, exit code 1."""
+
+
+class Interrupted(DreamBoothError):
+    """SIGTERM or Ctrl-C: a checkpoint was written; exit code 130."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +114,8 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=None, help="Clip the global gradient norm (None: off).")
     g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0 = off).")
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (None = off).")
+    g.add_argument("--skip_nonfinite_steps", action="store_true",
+                   help="Skip an update whose loss is NaN or infinite instead of stopping.")
 
     g = p.add_argument_group("saving and logging")
     g.add_argument("--save_steps", "--checkpointing_steps", dest="save_steps", type=int, default=500,
@@ -272,8 +281,9 @@ def load_text_encoder_class(model):
     return getattr(transformers, name)
 
 
-def load_models(args):
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, each failure named."""
+def load_models(args, resume_from=None):
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, each failure named.
+    When resuming, the trained models come from the checkpoint."""
     from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from ppdiffusers.transformers import AutoTokenizer
 
@@ -295,8 +305,11 @@ def load_models(args):
                      else AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
     text_encoder = load("text_encoder", lambda: load_text_encoder_class(model).from_pretrained(
         model, subfolder="text_encoder"))
+    if resume_from and args.train_text_encoder:
+        text_encoder = load("text_encoder", lambda: type(text_encoder).from_pretrained(
+            resume_from, subfolder="text_encoder"))
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
-    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
+    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(resume_from or model, subfolder="unet"))
     noise_scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
@@ -401,20 +414,45 @@ def compute_loss(model_pred, target, num_instance, args, snr=None):
 
 
 def atomic_dir(final):
-    """A fresh temporary folder beside `final`; commit_dir renames it into place."""
-    tmp = f"{final}.tmp-{os.getpid()}"
+    """A fresh staging folder beside `final`; commit_dir renames it into place."""
+    tmp = f"{final}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
 
 
 def commit_dir(tmp, final):
-    """Replace `final` by `tmp` so that `final` is at every moment either the old or the new folder."""
-    old = f"{final}.old-{os.getpid()}"
+    """Replace `final` by `tmp`. A crash leaves either the old or the new folder under the final
+    name, or the old one under final.old, which recover_interrupted_saves puts back."""
+    old = f"{final}.old"
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_saves(folder):
+    """Undo what a crash in the middle of a save left behind (see commit_dir)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".old") and not os.path.exists(path[:-4]):
+            os.replace(path, path[:-4])
+            logger.warning("Restored %s, whose replacement was interrupted", path[:-4])
+        elif name.endswith(".tmp") or name.endswith(".old"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def saving(what):
+    """Turn a failed write (a full disk, a lost mount) into one clear error; the staging folder is
+    dropped and what was saved before stays intact."""
+    try:
+        yield
+    except OSError as e:
+        raise DreamBoothError(f"could not write {what}: {e.strerror or e}; the previous checkpoint is intact: "
+                              "free disk space and resume with --resume_from_checkpoint latest") from e
 
 
 def save_pipeline(args, unet, text_encoder, tokenizer, folder):
@@ -427,21 +465,75 @@ def save_pipeline(args, unet, text_encoder, tokenizer, folder):
     pipe.save_pretrained(folder)
 
 
-def save_training_state(args, folder, optimizer, lr_scheduler, position):
+def structured_names(models):
+    """Paddle names parameters by creation order (linear_12.w_0); checkpoints use stable names."""
+    return {p.name: f"{label}.{name}" for label, model in models.items() for name, p in model.named_parameters()}
+
+
+def rename_state(state, mapping):
+    """Rename optimizer-state keys that start with a parameter name (moments, master weights)."""
+    renamed = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = rename_state(value, mapping)
+        head = key  # the longest "_"-delimited prefix that is a parameter name
+        while head and head not in mapping:
+            head = head.rpartition("_")[0]
+        renamed[mapping[head] + key[len(head):] if head else key] = value
+    return renamed
+
+
+def save_rng_state(path):
     import paddle
 
-    paddle.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pdopt"))
-    state = dict(position, lr_scheduler=lr_scheduler.state_dict(),
-                 args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
-    with open(os.path.join(folder, "training_state.json"), "w") as f:
-        json.dump(state, f, indent=1)
+    with open(path, "wb") as f:
+        pickle.dump(dict(python=random.getstate(), numpy=np.random.get_state(), paddle=paddle.get_rng_state()), f)
+
+
+def load_rng_state(path):
+    import paddle
+
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    paddle.set_rng_state(state["paddle"])
+
+
+def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models):
+    """output_dir/checkpoint-<step>: a loadable pipeline plus everything needed to resume exactly.
+
+    Called on every rank: each writes its own RNG state; rank 0 writes the rest."""
+    import paddle
+
+    world_size, rank = world()
+    final = os.path.join(args.output_dir, f"checkpoint-{position['global_step']}")
+    with saving(final):
+        if rank == 0:
+            tmp = atomic_dir(final)
+        barrier()
+        tmp = f"{final}.tmp"
+        save_rng_state(os.path.join(tmp, f"rng_state_{rank}.pkl"))
+        if rank == 0:
+            save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+            names = structured_names(models)
+            paddle.save(rename_state(optimizer.state_dict(), names), os.path.join(tmp, "optimizer.pdopt"))
+            state = dict(position, lr_scheduler=lr_scheduler.state_dict(), world_size=world_size,
+                         args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
+            with open(os.path.join(tmp, "training_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+        barrier()
+        if rank == 0:
+            commit_dir(tmp, final)
+            if args.checkpoints_total_limit:  # only now that the new one is complete
+                for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+                    shutil.rmtree(old)
+            logger.info("Saved checkpoint %s", final)
 
 
 def checkpoint_step(name):
-    try:
-        return int(name.rsplit("-", 1)[1]) if name.startswith("checkpoint-") and "." not in name else None
-    except ValueError:
-        return None
+    prefix, _, step = name.partition("-")
+    return int(step) if prefix == "checkpoint" and step.isdigit() else None
 
 
 def list_checkpoints(output_dir):
@@ -452,30 +544,22 @@ def list_checkpoints(output_dir):
     return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
 
 
-def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position):
-    final = os.path.join(args.output_dir, f"checkpoint-{position['global_step']}")
-    tmp = atomic_dir(final)
-    save_pipeline(args, unet, text_encoder, tokenizer, tmp)
-    save_training_state(args, tmp, optimizer, lr_scheduler, position)
-    commit_dir(tmp, final)
-    if args.checkpoints_total_limit:  # only now that the new one is complete
-        for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    logger.info("Saved checkpoint %s", final)
-
-
 def save_final(args, unet, text_encoder, tokenizer):
     """The finished pipeline goes to output_dir itself, beside logs and checkpoints.
 
-    It is staged in a temporary folder; model_index.json (what makes the folder loadable) moves last.
-    """
-    tmp = atomic_dir(os.path.join(args.output_dir, ".final"))
-    save_pipeline(args, unet, text_encoder, tokenizer, tmp)
-    names = sorted(os.listdir(tmp), key=lambda n: n == "model_index.json")
-    for name in names:
-        commit_dir(os.path.join(tmp, name), os.path.join(args.output_dir, name)) if os.path.isdir(
-            os.path.join(tmp, name)) else os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
-    os.rmdir(tmp)
+    It is staged in a temporary folder. The old model_index.json (what makes the folder a loadable
+    pipeline) goes first and the new one comes last, so a crash never leaves a folder that claims
+    to be a pipeline while holding a mix of two."""
+    with saving(args.output_dir):
+        tmp = atomic_dir(os.path.join(args.output_dir, "final"))
+        save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+        index = os.path.join(args.output_dir, "model_index.json")
+        if os.path.exists(index):
+            os.remove(index)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):
+            src, dst = os.path.join(tmp, name), os.path.join(args.output_dir, name)
+            commit_dir(src, dst) if os.path.isdir(src) else os.replace(src, dst)
+        os.rmdir(tmp)
     logger.info("Saved the trained pipeline to %s", args.output_dir)
 
 
@@ -523,10 +607,16 @@ def main(args):
     setup_logging(rank)
     if world_size > 1:
         dist.init_parallel_env()
-    if args.seed is None:
-        args.seed = random.SystemRandom().randrange(2**31)
-        logger.info("No --seed given: using --seed %d", args.seed)
     args.world_size = world_size
+    if rank == 0:
+        recover_interrupted_saves(args.output_dir)
+    barrier()
+    resume_from = find_resume_checkpoint(args)
+    if args.seed is None:
+        args.seed = read_training_state(args, resume_from)["args"]["seed"] if resume_from \
+            else random.SystemRandom().randrange(2**31)
+        logger.info("No --seed given: using --seed %d", args.seed)
+    resume_state = read_training_state(args, resume_from) if resume_from else None
     paddle.seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -537,7 +627,6 @@ def main(args):
         raise DreamBoothError(f"--instance_data_dir {args.instance_data_dir} holds no images "
                               f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
     instance_images = load_images(instance_paths, "--instance_data_dir")
-    resume_from = find_resume_checkpoint(args)
     prepare_output_dir(args, resume_from, rank)
 
     if args.with_prior_preservation:
@@ -557,7 +646,7 @@ def main(args):
                 num_items)
 
     # --- Models.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, resume_from)
     args.prediction_type = noise_scheduler.config.prediction_type
     vae_scale = vae.config.scaling_factor
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -616,9 +705,10 @@ def main(args):
         epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm else None)
 
+    models = dict(unet=unet, text_encoder=text_encoder)
     position = dict(global_step=0, epoch=0, batch=0)
     if resume_from:
-        position = load_training_state(args, resume_from, optimizer, lr_scheduler)
+        position = restore_training_state(resume_from, resume_state, optimizer, lr_scheduler, models, rank)
         logger.info("Resuming from %s at update %d", resume_from, position["global_step"])
 
     if world_size > 1:
@@ -688,50 +778,60 @@ def main(args):
     logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
                 args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
                 args.gradient_accumulation_steps, args.learning_rate)
-    bar = tqdm(total=args.max_train_steps, initial=position["global_step"], desc="steps", disable=rank != 0)
     global_step = position["global_step"]
     stop = global_step >= args.max_train_steps
-    started = time.time()
-    for epoch in range(position["epoch"], num_epochs):
-        if stop:
-            break
-        order = epoch_batches(num_items, epoch, args.seed, global_batch)
-        first_batch = position["batch"] if epoch == position["epoch"] else 0
-        # Accumulation groups never cross the epoch's end: the last group may be shorter,
-        # and its loss is averaged over the micro-batches it really has.
-        for group_start in range(first_batch, batches_per_epoch, args.gradient_accumulation_steps):
-            group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
-            group_loss = 0.0
-            for batch_index in group:
-                noisy, timesteps, states, target = training_batch(epoch, batch_index, order[batch_index])
-                with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
-                    pred = unet(noisy, timesteps, states).sample
-                    loss = compute_loss(pred, target, args.train_batch_size, args, snr_of(timesteps)) / len(group)
-                    loss.backward()
-                group_loss += float(loss)
-            lr = optimizer.get_lr()  # the rate this update uses
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.clear_grad(set_to_zero=False)
-            global_step += 1
-            position = dict(global_step=global_step, epoch=epoch, batch=group[-1] + 1)
-            if position["batch"] == batches_per_epoch:
-                position.update(epoch=epoch + 1, batch=0)
-            bar.update(1)
-            if rank == 0:
-                bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
-                if global_step % args.logging_steps == 0:
-                    writer.add_scalar("train/loss", group_loss, global_step)
-                    writer.add_scalar("train/lr", lr, global_step)
-            if not math.isfinite(group_loss):
-                raise DreamBoothError(f"loss is {group_loss} at update {global_step}; lower --learning_rate "
-                                      "(the last checkpoint is untouched)")
-            if global_step % args.save_steps == 0 and global_step < args.max_train_steps and rank == 0:
-                save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position)
-            if global_step >= args.max_train_steps:
-                stop = True
+    with stop_signals() as stop_signal, tqdm(total=args.max_train_steps, initial=position["global_step"],
+                                             desc="steps", disable=rank != 0) as bar:
+        started = time.time()
+        for epoch in range(position["epoch"], num_epochs):
+            if stop:
                 break
-    bar.close()
+            order = epoch_batches(num_items, epoch, args.seed, global_batch)
+            first_batch = position["batch"] if epoch == position["epoch"] else 0
+            # Accumulation groups never cross the epoch's end: the last group may be shorter,
+            # and its loss is averaged over the micro-batches it really has.
+            for group_start in range(first_batch, batches_per_epoch, args.gradient_accumulation_steps):
+                group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
+                group_loss = 0.0
+                for batch_index in group:
+                    noisy, timesteps, states, target = training_batch(epoch, batch_index, order[batch_index])
+                    with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
+                        pred = unet(noisy, timesteps, states).sample
+                        loss = compute_loss(pred, target, args.train_batch_size, args, snr_of(timesteps)) / len(group)
+                        loss.backward()
+                    group_loss += loss.detach()
+                # One small all-reduce per update: every rank logs the global mean loss and takes the
+                # same decision on a non-finite loss or a stop signal.
+                group_loss, signalled = agree_across_ranks(group_loss, stop_signal)
+                if not math.isfinite(group_loss):
+                    if not args.skip_nonfinite_steps:
+                        raise DreamBoothError(f"loss is {group_loss} at update {global_step + 1}; nothing from this "
+                                              "update was saved; lower --learning_rate, or pass --skip_nonfinite_steps")
+                    logger.warning("loss is %s at update %d: update skipped", group_loss, global_step + 1)
+                    optimizer.clear_grad(set_to_zero=False)
+                    continue
+                lr = optimizer.get_lr()  # the rate this update uses
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.clear_grad(set_to_zero=False)
+                global_step += 1
+                position = dict(global_step=global_step, epoch=epoch, batch=group[-1] + 1)
+                if position["batch"] == batches_per_epoch:
+                    position.update(epoch=epoch + 1, batch=0)
+                bar.update(1)
+                if rank == 0:
+                    bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
+                    if global_step % args.logging_steps == 0:
+                        writer.add_scalar("train/loss", group_loss, global_step)
+                        writer.add_scalar("train/lr", lr, global_step)
+                if signalled or global_step % args.save_steps == 0:
+                    save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
+                if signalled:
+                    raise Interrupted(f"stopped by a signal after update {global_step}; checkpoint saved: resume with "
+                                      f"--resume_from_checkpoint latest and the same --output_dir {args.output_dir}")
+                if global_step >= args.max_train_steps:
+                    stop = True
+                    break
     elapsed = time.time() - started
     if world_size > 1:
         check_ranks_agree(trained)
@@ -740,6 +840,40 @@ def main(args):
         save_final(args, unet, text_encoder, tokenizer)
         writer.close()
     barrier()
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM or a first Ctrl-C asks to stop after the current update (the yielded list turns
+    non-empty); a second Ctrl-C stops at once. The previous handlers come back afterwards."""
+    requested = []
+
+    def handle(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        logger.warning("%s received: stopping after this update and writing a checkpoint (Ctrl-C again to "
+                       "abort without one)", signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def agree_across_ranks(loss, stop_signal):
+    """(mean loss over ranks, whether any rank was asked to stop)."""
+    import paddle
+    import paddle.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return float(loss), bool(stop_signal)
+    both = paddle.stack([loss.astype("float32").reshape([]), paddle.to_tensor(float(bool(stop_signal)))])
+    dist.all_reduce(both)
+    loss_sum, stops = both.tolist()
+    return loss_sum / dist.get_world_size(), stops > 0
 
 
 def check_ranks_agree(models):
@@ -773,17 +907,25 @@ def find_resume_checkpoint(args):
     return args.resume_from_checkpoint
 
 
-def load_training_state(args, folder, optimizer, lr_scheduler):
-    import paddle
-
+def read_training_state(args, folder):
+    """The checkpoint's position, after checking that it was made by a compatible run."""
     with open(os.path.join(folder, "training_state.json")) as f:
         state = json.load(f)
     for key, saved in state["args"].items():
-        if getattr(args, key) != saved:
-            raise DreamBoothError(f"--{key} is {getattr(args, key)!r} but {folder} was trained with {saved!r}; "
-                                  f"resume with the same --{key} or start a new --output_dir")
-    optimizer.set_state_dict(paddle.load(os.path.join(folder, "optimizer.pdopt")))
-    lr_scheduler.set_state_dict(state.pop("lr_scheduler"))
+        if getattr(args, key) is not None and getattr(args, key) != saved:
+            shown = key if key != "world_size" else "number of processes"
+            raise DreamBoothError(f"--{shown} is {getattr(args, key)!r} but {folder} was trained with {saved!r}; "
+                                  f"resume with the same value or start a new --output_dir")
+    return state
+
+
+def restore_training_state(folder, state, optimizer, lr_scheduler, models, rank):
+    import paddle
+
+    back = {v: k for k, v in structured_names(models).items()}
+    optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))
+    lr_scheduler.set_state_dict(state["lr_scheduler"])
+    load_rng_state(os.path.join(folder, f"rng_state_{rank}.pkl"))
     return {k: state[k] for k in ("global_step", "epoch", "batch")}
 
 
@@ -807,6 +949,9 @@ def prepare_output_dir(args, resume_from, rank):
 if __name__ == "__main__":
     try:
         main(parse_args())
+    except Interrupted as e:
+        print(f"train_dreambooth.py: {e}", file=sys.stderr)
+        sys.exit(130)
     except DreamBoothError as e:
         print(f"train_dreambooth.py: error: {e}", file=sys.stderr)
         sys.exit(1)

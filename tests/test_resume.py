@@ -1,0 +1,180 @@
+"""Checkpoints, exact resume, signals and interrupted saves."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_weights, run_train, train_args
+
+STEPS = 24
+
+
+def assert_same_unet(a, b, atol=1e-6):
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+    assert worst <= atol, f"largest weight difference {worst}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, instance_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", STEPS, "--save_steps", 4))
+    return out
+
+
+def start_training(argv):
+    return subprocess.Popen([sys.executable, "train_dreambooth.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_latest_gives_the_uninterrupted_weights(tiny_model, instance_dir, tmp_path,
+                                                                    uninterrupted):
+    out = tmp_path / "out"
+    argv = train_args(tiny_model, instance_dir, out, "--max_train_steps", STEPS, "--save_steps", 4)
+    proc = start_training(argv)
+    wait_for(out / "checkpoint-8", proc)
+    time.sleep(np.random.default_rng().uniform(0, 0.5))  # somewhere after that checkpoint
+    proc.kill()
+    proc.wait()
+    assert not os.path.exists(out / "model_index.json"), "the run finished before it could be killed"
+    run_train(*argv, "--resume_from_checkpoint", "latest")
+    assert_same_unet(out, uninterrupted)
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tiny_model, instance_dir, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    argv = train_args(tiny_model, instance_dir, out, "--max_train_steps", STEPS, "--save_steps", 4)
+    proc = start_training(argv)
+    wait_for(out / "checkpoint-4", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "--resume_from_checkpoint latest" in stderr.strip().splitlines()[-1]
+    stopped_at = int(stderr.split("after update ")[1].split(";")[0])
+    assert os.path.exists(out / f"checkpoint-{stopped_at}" / "training_state.json")
+    assert stopped_at < STEPS and not os.path.exists(out / "model_index.json")
+    run_train(*argv, "--resume_from_checkpoint", "latest")
+    assert_same_unet(out, uninterrupted)
+
+
+def test_checkpoint_rotation_and_resume_from_an_older_one(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    common = ["--save_steps", 2, "--checkpoints_total_limit", 2]
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 6, *common))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 8, *common,
+                          "--resume_from_checkpoint", out / "checkpoint-4"))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_resume_refuses_a_changed_batch_size_and_a_missing_path(tiny_model, instance_dir, tmp_path):
+    import train_dreambooth
+
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 2, "--save_steps", 2))
+    with pytest.raises(train_dreambooth.DreamBoothError, match="--train_batch_size is 2 .* trained with 1"):
+        run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 4, "--train_batch_size", 2,
+                              "--resume_from_checkpoint", "latest"))
+    with pytest.raises(train_dreambooth.DreamBoothError, match="not a checkpoint folder"):
+        run_train(*train_args(tiny_model, instance_dir, out, "--resume_from_checkpoint", tmp_path / "nope"))
+
+
+def test_latest_without_a_checkpoint_starts_fresh(tiny_model, instance_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--resume_from_checkpoint", "latest"))
+    assert os.path.exists(out / "model_index.json")
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """A disk that fills while checkpoint-4 is written: a one-line error, checkpoint-2 intact, and
+    no folder under a final name that does not load."""
+    import train_dreambooth
+    from ppdiffusers import StableDiffusionPipeline
+
+    real_save = train_dreambooth.save_pipeline
+
+    def filling_disk(args, unet, text_encoder, tokenizer, folder):
+        if "checkpoint-4" in str(folder):
+            real_save(args, unet, text_encoder, tokenizer, folder)  # half the checkpoint is on disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(args, unet, text_encoder, tokenizer, folder)
+
+    monkeypatch.setattr(train_dreambooth, "save_pipeline", filling_disk)
+    out = tmp_path / "out"
+    with pytest.raises(train_dreambooth.DreamBoothError, match="No space left on device.*intact"):
+        run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 6, "--save_steps", 2))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4.tmp"]
+    StableDiffusionPipeline.from_pretrained(out / "checkpoint-2")
+    assert not os.path.exists(out / "model_index.json")
+    # The next start clears the staging folder and resumes from checkpoint-2.
+    monkeypatch.setattr(train_dreambooth, "save_pipeline", real_save)
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 6, "--save_steps", 2,
+                          "--resume_from_checkpoint", "latest"))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == \
+        ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_a_crash_while_replacing_a_folder_is_undone_at_the_next_start(tmp_path, monkeypatch):
+    """commit_dir moves the old folder aside before moving the new one in; a crash between the two
+    leaves final.old, which recover_interrupted_saves restores."""
+    import train_dreambooth
+
+    final, tmp = tmp_path / "checkpoint-2", tmp_path / "checkpoint-2.tmp"
+    os.makedirs(final)
+    (final / "weights").write_text("old")
+    os.makedirs(tmp)
+    (tmp / "weights").write_text("new")
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_dreambooth.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_dreambooth.commit_dir(str(tmp), str(final))
+    monkeypatch.setattr(train_dreambooth.os, "replace", real_replace)
+    assert not final.exists()
+    train_dreambooth.recover_interrupted_saves(str(tmp_path))
+    assert (final / "weights").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+
+
+def test_nan_loss_stops_with_the_step_named(tiny_model, instance_dir, tmp_path, monkeypatch):
+    import train_dreambooth
+
+    real_loss = train_dreambooth.compute_loss
+    calls = []
+
+    def nan_on_third(*a, **k):
+        calls.append(1)
+        loss = real_loss(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_dreambooth, "compute_loss", nan_on_third)
+    out = tmp_path / "out"
+    with pytest.raises(train_dreambooth.DreamBoothError, match="loss is nan at update 3"):
+        run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 4, "--save_steps", 2))
+    assert not os.path.exists(out / "model_index.json")
+    assert os.path.exists(out / "checkpoint-2" / "model_index.json")
+    calls.clear()
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "skip", "--max_train_steps", 4,
+                          "--skip_nonfinite_steps"))
+    assert os.path.exists(tmp_path / "skip" / "model_index.json")
