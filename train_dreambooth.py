@@ -10,6 +10,7 @@ The output folder loads with ppdiffusers.StableDiffusionPipeline.from_pretrained
 Read top to bottom: arguments, data, models, the training loop, saving.
 """
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -30,6 +31,9 @@ from PIL import Image, ImageOps
 logger = logging.getLogger("dreambooth")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"}
+# Schedulers for generating class images; few steps suffice for DPM-Solver.
+CLASS_SAMPLERS = {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
+                  "euler_a": "EulerAncestralDiscreteScheduler", "model": None}
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Independent random streams, so that e.g. changing augmentation never changes the noise.
 ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
@@ -67,8 +71,8 @@ def parse_args(argv=None):
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="A ppdiffusers model id (e.g. CompVis/stable-diffusion-v1-4) or a local pipeline folder.")
     g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or folder, if not the model's own.")
-    g.add_argument("--instance_data_dir", required=True, help="Folder with the photos of your subject.")
-    g.add_argument("--instance_prompt", required=True, help='Prompt naming the subject, e.g. "a photo of sks dog".')
+    g.add_argument("--instance_data_dir", default=None, help="Folder with the photos of your subject.")
+    g.add_argument("--instance_prompt", default=None, help='Prompt naming the subject, e.g. "a photo of sks dog".')
     g.add_argument("--class_data_dir", default=None, help="Folder of class images for prior preservation.")
     g.add_argument("--class_prompt", default=None, help='Prompt of the subject\'s class, e.g. "a photo of dog".')
     g.add_argument("--with_prior_preservation", action="store_true",
@@ -77,6 +81,16 @@ def parse_args(argv=None):
     g.add_argument("--num_class_images", type=int, default=100,
                    help="Class images wanted; missing ones are generated with the base model.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    g.add_argument("--class_sampler", default="dpm_solver", choices=sorted(CLASS_SAMPLERS),
+                   help="Scheduler that generates class images (the model's own: 'model').")
+    g.add_argument("--class_inference_steps", type=int, default=25, help="Sampling steps per class image.")
+    g.add_argument("--concepts_list", default=None,
+                   help="JSON list of {instance_prompt, instance_data_dir, class_prompt, class_data_dir} to train "
+                        "several subjects at once (replaces the four flags).")
+    g.add_argument("--use_image_captions", action="store_true",
+                   help="An image's caption file (photo.txt beside photo.png) replaces its instance prompt.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Threads preparing upcoming batches (crops, noise) while the model trains.")
     g.add_argument("--height", type=int, default=None, help="Training image height (default 512).")
     g.add_argument("--width", type=int, default=None, help="Training image width (default 512).")
     g.add_argument("--resolution", type=int, default=None, help="Sets both --height and --width.")
@@ -116,6 +130,19 @@ def parse_args(argv=None):
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (None = off).")
     g.add_argument("--skip_nonfinite_steps", action="store_true",
                    help="Skip an update whose loss is NaN or infinite instead of stopping.")
+    g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+                   help="Paddle AMP for the forward pass; trained weights stay fp32, frozen models are cast.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Memory-efficient attention (needs a GPU build of Paddle that supports it).")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", action="append", default=None,
+                   help="Prompt sampled during training; repeat the flag for several.")
+    g.add_argument("--validation_prompt_file", default=None, help="File with one validation prompt per line.")
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    g.add_argument("--validation_steps", type=int, default=100, help="Validate every this many updates.")
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    g.add_argument("--validation_num_inference_steps", type=int, default=25)
 
     g = p.add_argument_group("saving and logging")
     g.add_argument("--save_steps", "--checkpointing_steps", dest="save_steps", type=int, default=500,
@@ -145,24 +172,40 @@ def check_args(args):
         if getattr(args, flag) <= 0 or getattr(args, flag) % 8:
             raise DreamBoothError(f"--{flag} {getattr(args, flag)} must be a positive multiple of 8 "
                                   "(the VAE downsamples by 8)")
+    if args.concepts_list:
+        given = [f for f in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")
+                 if getattr(args, f)]
+        if given:
+            raise DreamBoothError(f"--concepts_list replaces --{', --'.join(given)}; put them in the JSON file")
+    else:
+        for flag in ("instance_data_dir", "instance_prompt"):
+            if not getattr(args, flag):
+                raise DreamBoothError(f"--{flag} is required (or give --concepts_list)")
+    if args.validation_prompt_file:
+        if not os.path.isfile(args.validation_prompt_file):
+            raise DreamBoothError(f"--validation_prompt_file {args.validation_prompt_file}: no such file")
+        with open(args.validation_prompt_file, encoding="utf-8") as f:
+            args.validation_prompt = (args.validation_prompt or []) + [ln.strip() for ln in f if ln.strip()]
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size",
-                "save_steps", "logging_steps"]
+                "save_steps", "logging_steps", "class_inference_steps", "num_validation_images",
+                "validation_steps", "validation_num_inference_steps"]
     positive += [f for f in ("max_train_steps", "checkpoints_total_limit") if getattr(args, f) is not None]
     for flag in positive:
         if getattr(args, flag) <= 0:
             raise DreamBoothError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
     if args.learning_rate <= 0:
         raise DreamBoothError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset"):
+    for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset",
+                 "dataloader_num_workers"):
         if getattr(args, flag) < 0:
             raise DreamBoothError(f"--{flag} must not be negative, got {getattr(args, flag)}")
-    if args.with_prior_preservation:
+    if args.with_prior_preservation and not args.concepts_list:
         if not args.class_prompt:
             raise DreamBoothError("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
         if not args.class_data_dir:
             raise DreamBoothError("--with_prior_preservation needs --class_data_dir (a folder; missing class "
                                   "images are generated there)")
-    elif args.class_prompt or args.class_data_dir:
+    elif not args.with_prior_preservation and (args.class_prompt or args.class_data_dir):
         warnings.warn("--class_prompt/--class_data_dir are ignored without --with_prior_preservation")
 
 
@@ -314,6 +357,34 @@ def load_models(args, resume_from=None):
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
+def setup_mixed_precision(args, frozen_models):
+    """(autocast context factory, GradScaler or None). Trained weights stay fp32 (AMP O1); on a GPU
+    the frozen models are held in the half dtype. CPUs have no fp16 training kernels."""
+    import paddle
+
+    if args.mixed_precision == "no":
+        return contextlib.nullcontext, None
+    on_gpu = paddle.device.get_device().startswith("gpu")
+    if args.mixed_precision == "fp16" and not on_gpu:
+        raise DreamBoothError("--mixed_precision fp16 needs a GPU (Paddle has no fp16 training kernels on CPU); "
+                              "use --mixed_precision bf16 or no")
+    dtype = "float16" if args.mixed_precision == "fp16" else "bfloat16"
+    if on_gpu:
+        for model in frozen_models:
+            model.to(dtype=dtype)
+    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if dtype == "float16" else None
+    return (lambda: paddle.amp.auto_cast(dtype=dtype, level="O1")), scaler
+
+
+def enable_memory_efficient_attention(unet):
+    from ppdiffusers.utils import is_ppxformers_available
+
+    if not is_ppxformers_available():
+        raise DreamBoothError("--enable_xformers_memory_efficient_attention: this Paddle build has no memory-"
+                              "efficient attention (it needs a GPU build); drop the flag")
+    unet.enable_xformers_memory_efficient_attention()
+
+
 def tokenize(tokenizer, prompt):
     return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_attention_mask=False)["input_ids"]
@@ -323,46 +394,132 @@ def tokenize(tokenizer, prompt):
 # Prior preservation: class images
 
 
+def read_concepts(args):
+    """The subjects to train: the flags' one, or each entry of --concepts_list."""
+    if not args.concepts_list:
+        return [dict(instance_prompt=args.instance_prompt, instance_data_dir=args.instance_data_dir,
+                     class_prompt=args.class_prompt, class_data_dir=args.class_data_dir)]
+    try:
+        with open(args.concepts_list, encoding="utf-8") as f:
+            concepts = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DreamBoothError(f"--concepts_list {args.concepts_list}: cannot read it as JSON ({e})")
+    needed = ["instance_prompt", "instance_data_dir"] + (["class_prompt", "class_data_dir"]
+                                                         if args.with_prior_preservation else [])
+    if not isinstance(concepts, list) or not concepts:
+        raise DreamBoothError(f"--concepts_list {args.concepts_list}: expected a non-empty JSON list of objects")
+    for i, concept in enumerate(concepts):
+        missing = [k for k in needed if not (isinstance(concept, dict) and concept.get(k))]
+        if missing:
+            raise DreamBoothError(f"--concepts_list {args.concepts_list}: entry {i} lacks {', '.join(missing)}")
+    return concepts
+
+
+def caption_of(path, default, args):
+    """photo.txt beside photo.png replaces the instance prompt, with --use_image_captions."""
+    caption_file = os.path.splitext(path)[0] + ".txt"
+    if args.use_image_captions and os.path.isfile(caption_file):
+        with open(caption_file, encoding="utf-8") as f:
+            return f.read().strip() or default
+    return default
+
+
 def class_image_name(prompt, index):
     return f"{hashlib.sha1(prompt.encode()).hexdigest()[:10]}-{index:05d}.png"
 
 
-def generate_class_images(args, world_size, rank):
-    """Fill --class_data_dir up to --num_class_images with images of the base model for --class_prompt."""
+def check_class_dir_prompt(concept):
+    """Class images generated here for another prompt would teach the wrong class: warn."""
+    own = hashlib.sha1(concept["class_prompt"].encode()).hexdigest()[:10]
+    names = os.listdir(concept["class_data_dir"]) if os.path.isdir(concept["class_data_dir"]) else []
+    others = {n.split("-")[0] for n in names if len(n.split("-")[0]) == 10 and n.endswith(".png")} - {own}
+    if others:
+        logger.warning("--class_data_dir %s holds images generated for another class prompt; use one folder "
+                       "per class prompt", concept["class_data_dir"])
+
+
+def load_sampling_pipeline(args):
+    """The base model for class images: no safety checker, the fast sampler, half precision on GPU."""
+    import paddle
+    import ppdiffusers
+    from ppdiffusers import StableDiffusionPipeline
+
+    dtype = paddle.float16 if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else None
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
+                                                   requires_safety_checker=False,
+                                                   **({"paddle_dtype": dtype} if dtype else {}))
+    if CLASS_SAMPLERS[args.class_sampler]:
+        sampler = getattr(ppdiffusers, CLASS_SAMPLERS[args.class_sampler])
+        pipe.scheduler = sampler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_class_images(concept, args, world_size, rank, pipe=None):
+    """Fill the concept's class_data_dir up to --num_class_images with base-model images of its
+    class prompt. Returns the sampling pipeline, loaded on first need, for the next concept."""
     import paddle
     from tqdm.auto import tqdm
 
-    os.makedirs(args.class_data_dir, exist_ok=True)
-    existing = list_images(args.class_data_dir, "--class_data_dir")
-    missing = args.num_class_images - len(existing)
+    folder, prompt = concept["class_data_dir"], concept["class_prompt"]
+    wanted = int(concept.get("num_class_images", args.num_class_images))
+    os.makedirs(folder, exist_ok=True)
+    check_class_dir_prompt(concept)
+    missing = wanted - len(list_images(folder, "--class_data_dir"))
     if missing <= 0:
-        return
-    taken = set(os.listdir(args.class_data_dir))
-    indices = [i for i in range(args.num_class_images + len(taken)) if class_image_name(args.class_prompt, i)
-               not in taken][:missing]
+        return pipe
+    taken = set(os.listdir(folder))
+    indices = [i for i in range(wanted + len(taken)) if class_image_name(prompt, i) not in taken][:missing]
     mine = indices[rank::world_size]
-    if rank == 0:
-        logger.info("Generating %d class images for %r in %s", missing, args.class_prompt, args.class_data_dir)
-    if mine:
-        from ppdiffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
-                                                       requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        bar = tqdm(total=len(mine), desc="class images", disable=rank != 0)
+    logger.info("Generating %d class images for %r in %s (%s, %d steps)", missing, prompt, folder,
+                args.class_sampler, args.class_inference_steps)
+    pipe = pipe or load_sampling_pipeline(args)
+    started = time.time()
+    with tqdm(total=len(mine), desc="class images", disable=rank != 0) as bar:
         for start in range(0, len(mine), args.sample_batch_size):
             batch = mine[start:start + args.sample_batch_size]
             # One generator per image: an image depends on the seed and its index, not on rank or batching.
             generators = [paddle.Generator().manual_seed(args.seed + i) for i in batch]
-            images = pipe([args.class_prompt] * len(batch), height=args.height, width=args.width,
-                          generator=generators).images
+            images = pipe([prompt] * len(batch), height=args.height, width=args.width, generator=generators,
+                          num_inference_steps=args.class_inference_steps).images
             for i, image in zip(batch, images):
-                path = os.path.join(args.class_data_dir, class_image_name(args.class_prompt, i))
+                path = os.path.join(folder, class_image_name(prompt, i))
                 image.save(path + ".tmp.png")
                 os.replace(path + ".tmp.png", path)
             bar.update(len(batch))
-        bar.close()
-        del pipe
+    logger.info("Class images: %.2f images/s on rank %d", len(mine) / (time.time() - started), rank)
+    return pipe
+
+
+def load_instances(concepts, args):
+    """The subject photos of every concept as TrainImages; every file is checked."""
+    instances = []
+    for concept in concepts:
+        paths = list_images(concept["instance_data_dir"], "--instance_data_dir")
+        if not paths:
+            raise DreamBoothError(f"--instance_data_dir {concept['instance_data_dir']} holds no images "
+                                  f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
+        images = load_images(paths, "--instance_data_dir")
+        instances += [TrainImage(im, caption_of(path, concept["instance_prompt"], args), args)
+                      for path, im in zip(paths, images)]
+    return instances
+
+
+def load_classes(concepts, args, world_size, rank):
+    """The class images of every concept as TrainImages, generating the missing ones first."""
+    pipe, classes = None, []
+    for concept in concepts:
+        pipe = generate_class_images(concept, args, world_size, rank, pipe)
+    del pipe
+    barrier()  # every rank waits until all class images are on disk
+    for concept in concepts:
+        wanted = int(concept.get("num_class_images", args.num_class_images))
+        paths = list_images(concept["class_data_dir"], "--class_data_dir")[:wanted]
+        if not paths:
+            raise DreamBoothError(f"--class_data_dir {concept['class_data_dir']} holds no images; "
+                                  "set --num_class_images > 0 to generate them")
+        classes += [TrainImage(im, concept["class_prompt"], args) for im in load_images(paths, "--class_data_dir")]
+    return classes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,6 +721,68 @@ def save_final(args, unet, text_encoder, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def image_grid(rows, pad=4):
+    """rows: [(label, [PIL images])] -> one white image, each row of images under its label."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_h = max(measure.textbbox((0, 0), label, font=font)[3] for label, _ in rows) + pad
+    cell_w, cell_h = rows[0][1][0].size
+    per_row = max(len(images) for _, images in rows)
+    text_w = max(measure.textbbox((0, 0), label, font=font)[2] for label, _ in rows)
+    width = max(per_row * (cell_w + pad) + pad, text_w + 2 * pad)  # tiny images: don't clip the label
+    row_h = label_h + cell_h + pad
+    grid = Image.new("RGB", (width, len(rows) * row_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        top = pad + r * row_h
+        draw.text((pad, top), label, fill="black", font=font)
+        for i, image in enumerate(images):
+            grid.paste(image, (pad + i * (cell_w + pad), top + label_h))
+    return grid
+
+
+def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, step):
+    """Sample the validation prompts with the models in memory (no copy of the weights) and write
+    output_dir/validation/step-<N>.png. Image i of every prompt and step starts from seed + i, so
+    grids are comparable across steps. Training state (modes, RNG) is left as it was."""
+    import paddle
+    from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from ppdiffusers.training_utils import unwrap_model
+
+    unet, text_encoder = unwrap_model(unet), unwrap_model(text_encoder)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    modes, rng = (unet.training, text_encoder.training), paddle.get_rng_state()
+    unet.eval()
+    text_encoder.eval()
+    rows = []
+    with paddle.no_grad():
+        for prompt in args.validation_prompt:
+            generators = [paddle.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+            images = pipe([prompt] * args.num_validation_images, height=args.height, width=args.width,
+                          num_inference_steps=args.validation_num_inference_steps,
+                          guidance_scale=args.validation_guidance_scale, generator=generators).images
+            rows.append((prompt, images))
+    unet.train(modes[0])
+    text_encoder.train(modes[1])
+    paddle.set_rng_state(rng)
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid = image_grid(rows)
+    grid.save(os.path.join(folder, f"step-{step:06d}.png"))
+    for i, (prompt, images) in enumerate(rows):
+        writer.add_image(f"validation/{i}", np.asarray(image_grid([(prompt, images)])), step, dataformats="HWC")
+    logger.info("Validation images of update %d in %s", step, folder)
+
+
+# ----------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -621,26 +840,11 @@ def main(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
 
-    # --- Data: everything is checked before anything is written.
-    instance_paths = list_images(args.instance_data_dir, "--instance_data_dir")
-    if not instance_paths:
-        raise DreamBoothError(f"--instance_data_dir {args.instance_data_dir} holds no images "
-                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
-    instance_images = load_images(instance_paths, "--instance_data_dir")
+    # --- Data: every input is checked before anything is written.
+    concepts = read_concepts(args)
+    instances = load_instances(concepts, args)
     prepare_output_dir(args, resume_from, rank)
-
-    if args.with_prior_preservation:
-        if rank == 0 or world_size > 1:
-            generate_class_images(args, world_size, rank)
-        barrier()  # every rank waits until all class images are on disk
-        class_paths = list_images(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
-        if not class_paths:
-            raise DreamBoothError(f"--class_data_dir {args.class_data_dir} holds no images; "
-                                  "set --num_class_images > 0 to generate them")
-        class_images = load_images(class_paths, "--class_data_dir")
-    instances = [TrainImage(im, args.instance_prompt, args) for im in instance_images]
-    classes = [TrainImage(im, args.class_prompt, args) for im in class_images] if args.with_prior_preservation \
-        else []
+    classes = load_classes(concepts, args, world_size, rank) if args.with_prior_preservation else []
     num_items = max(len(instances), len(classes))
     logger.info("%d instance images, %d class images, %d examples per epoch", len(instances), len(classes),
                 num_items)
@@ -658,6 +862,9 @@ def main(args):
     for p in text_encoder.parameters():
         p.stop_gradient = not args.train_text_encoder
     unet.train()
+    autocast, scaler = setup_mixed_precision(args, [vae] + ([] if args.train_text_encoder else [text_encoder]))
+    if args.enable_xformers_memory_efficient_attention:
+        enable_memory_efficient_attention(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -680,9 +887,10 @@ def main(args):
             for item in instances + classes:
                 for flip in ([False, True] if args.random_flip else [False]):
                     box = crop_box(item.image, args.height, args.width, True, None)
-                    pixels = paddle.to_tensor(to_pixels(item.image.crop(box), flip)[None])
-                    dist_ = vae.encode(pixels).latent_dist
-                    posterior_cache[id(item), flip] = (dist_.mean[0], dist_.std[0])
+                    pixels = paddle.to_tensor(to_pixels(item.image.crop(box), flip)[None], dtype=vae.dtype)
+                    posterior = vae.encode(pixels).latent_dist
+                    posterior_cache[id(item), flip] = (posterior.mean[0].astype("float32"),
+                                                       posterior.std[0].astype("float32"))
 
     # --- Optimizer and schedule, all counted in optimizer updates.
     global_batch = args.train_batch_size * world_size
@@ -725,8 +933,10 @@ def main(args):
                 stack.enter_context(model.no_sync())
         return stack
 
-    def training_batch(epoch, batch_index, batch_items):
-        """Model inputs and target for this rank's share of one global batch."""
+    def prepare_batch(epoch, batch_index):
+        """NumPy side of this rank's share of one global batch: items, crops, noise, timesteps.
+        Pure NumPy/PIL, so --dataloader_num_workers threads can run it ahead of the model."""
+        batch_items = order[batch_index]
         # A sample's randomness is keyed by its place in the epoch's stream of samples, so batch 2,
         # batch 1 x accumulation 2, and 2 processes x batch 1 all see the same noise for it.
         mine = range(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
@@ -735,33 +945,36 @@ def main(args):
         if classes:  # class samples follow the instance samples in the same forward pass
             keyed += [(classes[batch_items[pos] % len(classes)], (epoch, batch_index * global_batch + pos, 1))
                       for pos in mine]
-        means, stds, eps, noise, timesteps, pixels = [], [], [], [], [], []
+        batch = dict(items=[], flips=[], pixels=[], eps=[], noise=[], timesteps=[])
         for item, key in keyed:
             aug_rng = np.random.default_rng([args.seed, AUGMENT_STREAM, *key])
             if args.cache_latents:
                 flip = bool(args.random_flip and aug_rng.random() < 0.5)
-                mean, std = posterior_cache[id(item), flip]
-                means.append(mean)
-                stds.append(std)
             else:
-                pixels.append(item.pixels(aug_rng, args)[0])
-            e, n, t = draw_noise(args.seed, key, latent_shape, noise_scheduler.config.num_train_timesteps,
-                                 args.noise_offset)
-            eps.append(e)
-            noise.append(n)
-            timesteps.append(t)
+                pixels, flip = item.pixels(aug_rng, args)
+                batch["pixels"].append(pixels)
+            eps, noise, t = draw_noise(args.seed, key, latent_shape, noise_scheduler.config.num_train_timesteps,
+                                       args.noise_offset)
+            for name, value in zip(("items", "flips", "eps", "noise", "timesteps"), (item, flip, eps, noise, t)):
+                batch[name].append(value)
+        return batch
+
+    def model_inputs(batch):
+        """Paddle side: latents sampled from the (cached or fresh) VAE posterior, noised; the target."""
         if args.cache_latents:
-            mean, std = paddle.stack(means), paddle.stack(stds)
+            cached = [posterior_cache[id(item), flip] for item, flip in zip(batch["items"], batch["flips"])]
+            mean, std = paddle.stack([m for m, _ in cached]), paddle.stack([s for _, s in cached])
         else:
-            with paddle.no_grad():
-                posterior = vae.encode(paddle.to_tensor(np.stack(pixels))).latent_dist
-            mean, std = posterior.mean, posterior.std
-        latents = (mean + std * paddle.to_tensor(np.stack(eps))) * vae_scale
-        noise = paddle.to_tensor(np.stack(noise))
-        timesteps = paddle.to_tensor(timesteps, dtype="int64")
-        prompts = [item.prompt for item, _ in keyed]
+            with paddle.no_grad(), autocast():
+                posterior = vae.encode(paddle.to_tensor(np.stack(batch["pixels"]), dtype=vae.dtype)).latent_dist
+            mean, std = posterior.mean.astype("float32"), posterior.std.astype("float32")
+        latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"]))) * vae_scale
+        noise = paddle.to_tensor(np.stack(batch["noise"]))
+        timesteps = paddle.to_tensor(batch["timesteps"], dtype="int64")
+        prompts = [item.prompt for item in batch["items"]]
         if args.train_text_encoder:
-            encoder_states = text_encoder(paddle.to_tensor([prompt_ids[p] for p in prompts]))[0]
+            with autocast():
+                encoder_states = text_encoder(paddle.to_tensor([prompt_ids[p] for p in prompts]))[0]
         else:
             encoder_states = paddle.concat([embeddings[p] for p in prompts])
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -788,17 +1001,20 @@ def main(args):
                 break
             order = epoch_batches(num_items, epoch, args.seed, global_batch)
             first_batch = position["batch"] if epoch == position["epoch"] else 0
+            batches = prefetch(lambda b: prepare_batch(epoch, b), range(first_batch, batches_per_epoch),
+                               args.dataloader_num_workers)
             # Accumulation groups never cross the epoch's end: the last group may be shorter,
             # and its loss is averaged over the micro-batches it really has.
             for group_start in range(first_batch, batches_per_epoch, args.gradient_accumulation_steps):
                 group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
                 group_loss = 0.0
                 for batch_index in group:
-                    noisy, timesteps, states, target = training_batch(epoch, batch_index, order[batch_index])
+                    noisy, timesteps, states, target = model_inputs(next(batches))
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
-                        pred = unet(noisy, timesteps, states).sample
+                        with autocast():
+                            pred = unet(noisy, timesteps, states).sample
                         loss = compute_loss(pred, target, args.train_batch_size, args, snr_of(timesteps)) / len(group)
-                        loss.backward()
+                        scaler.scale(loss).backward() if scaler else loss.backward()
                     group_loss += loss.detach()
                 # One small all-reduce per update: every rank logs the global mean loss and takes the
                 # same decision on a non-finite loss or a stop signal.
@@ -811,7 +1027,11 @@ def main(args):
                     optimizer.clear_grad(set_to_zero=False)
                     continue
                 lr = optimizer.get_lr()  # the rate this update uses
-                optimizer.step()
+                if scaler:  # unscales, and skips the step if fp16 gradients overflowed
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.clear_grad(set_to_zero=False)
                 global_step += 1
@@ -826,6 +1046,8 @@ def main(args):
                         writer.add_scalar("train/lr", lr, global_step)
                 if signalled or global_step % args.save_steps == 0:
                     save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
+                if rank == 0 and args.validation_prompt and global_step % args.validation_steps == 0:
+                    validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
                 if signalled:
                     raise Interrupted(f"stopped by a signal after update {global_step}; checkpoint saved: resume with "
                                       f"--resume_from_checkpoint latest and the same --output_dir {args.output_dir}")
@@ -838,8 +1060,27 @@ def main(args):
     if rank == 0:
         logger.info("Trained to update %d in %.1f s", global_step, elapsed)
         save_final(args, unet, text_encoder, tokenizer)
+        if args.validation_prompt:
+            validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
         writer.close()
     barrier()
+
+
+def prefetch(fn, inputs, workers):
+    """fn over inputs, in order; with workers > 0, up to 2 x workers results are prepared ahead."""
+    if not workers:
+        yield from map(fn, inputs)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for x in inputs:
+            pending.append(pool.submit(fn, x))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @contextlib.contextmanager
