@@ -995,7 +995,7 @@ def main(args):
     stop = global_step >= args.max_train_steps
     with stop_signals() as stop_signal, tqdm(total=args.max_train_steps, initial=position["global_step"],
                                              desc="steps", disable=rank != 0) as bar:
-        started = time.time()
+        started, update_seconds = time.time(), []
         for epoch in range(position["epoch"], num_epochs):
             if stop:
                 break
@@ -1007,7 +1007,7 @@ def main(args):
             # and its loss is averaged over the micro-batches it really has.
             for group_start in range(first_batch, batches_per_epoch, args.gradient_accumulation_steps):
                 group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
-                group_loss = 0.0
+                group_loss, update_started = 0.0, time.perf_counter()
                 for batch_index in group:
                     noisy, timesteps, states, target = model_inputs(next(batches))
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
@@ -1034,6 +1034,7 @@ def main(args):
                     optimizer.step()
                 lr_scheduler.step()
                 optimizer.clear_grad(set_to_zero=False)
+                update_seconds.append(time.perf_counter() - update_started)
                 global_step += 1
                 position = dict(global_step=global_step, epoch=epoch, batch=group[-1] + 1)
                 if position["batch"] == batches_per_epoch:
@@ -1044,6 +1045,7 @@ def main(args):
                     if global_step % args.logging_steps == 0:
                         writer.add_scalar("train/loss", group_loss, global_step)
                         writer.add_scalar("train/lr", lr, global_step)
+                        writer.add_scalar("train/update_seconds", update_seconds[-1], global_step)
                 if signalled or global_step % args.save_steps == 0:
                     save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
                 if rank == 0 and args.validation_prompt and global_step % args.validation_steps == 0:
@@ -1058,7 +1060,8 @@ def main(args):
     if world_size > 1:
         check_ranks_agree(trained)
     if rank == 0:
-        logger.info("Trained to update %d in %.1f s", global_step, elapsed)
+        logger.info("Trained to update %d in %.1f s; median update %.4f s (after the first)", global_step, elapsed,
+                    float(np.median(update_seconds[1:] or update_seconds or [0.0])))
         save_final(args, unet, text_encoder, tokenizer)
         if args.validation_prompt:
             validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
