@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import CLASS_PROMPT, ROOT, load_weights, logged_scalars, make_images, run_cli, run_train, train_args
 
@@ -56,31 +57,23 @@ def test_min_snr_weights_split_with_the_prior_batch(prediction_type):
     np.testing.assert_allclose(float(loss), weighted[:2].mean() + 0.5 * weighted[2:].mean(), rtol=1e-5)
 
 
-def test_logged_loss_of_first_update_matches_an_independent_computation(tiny_model, instance_dir, tmp_path):
-    """Rebuild update 1's batch from the trainer's documented randomness and recompute the loss
-    with numpy and the base UNet: instance MSE + w x prior MSE."""
+def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight):
+    """Rebuild update 1's batch from the trainer's documented randomness (streams keyed by seed,
+    epoch and sample) and recompute its loss with numpy and the base models."""
     import paddle
     from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
-    from PIL import Image
 
     import train_dreambooth as tdb
 
-    class_dir = make_images(tmp_path / "class", n=3, size=(64, 64), seed=5)
-    out = tmp_path / "out"
-    run_train(*train_args(tiny_model, instance_dir, out, "--with_prior_preservation", "--class_prompt",
-                          CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", 3,
-                          "--prior_loss_weight", 0.7, "--max_train_steps", 1, "--center_crop"))
-    logged = logged_scalars(out, "train/loss")[1]
-
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    scheduler = DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     alphas_cumprod = scheduler.alphas_cumprod.numpy().astype(np.float64)
 
-    def image_array(path):  # 72x64 instance images: resize to cover 64x64, center crop, [-1, 1]
+    def image_array(path):  # resize to cover 64x64, center crop, scale to [-1, 1]
         im = Image.open(path).convert("RGB")
         scale = max(64 / im.height, 64 / im.width)
         im = im.resize((max(64, round(im.width * scale)), max(64, round(im.height * scale))), Image.BICUBIC)
@@ -88,11 +81,11 @@ def test_logged_loss_of_first_update_matches_an_independent_computation(tiny_mod
         return np.asarray(im.crop((left, top, left + 64, top + 64)), np.float32).transpose(2, 0, 1) / 127.5 - 1
 
     inst = sorted(os.listdir(instance_dir))
-    cls = sorted(os.listdir(class_dir))
-    order = np.random.default_rng([0, tdb.ORDER_STREAM, 0]).permutation(max(len(inst), len(cls)))
-    item = order[0]
-    samples = [(os.path.join(instance_dir, inst[item % len(inst)]), "a photo of sks dog", 0),
-               (os.path.join(class_dir, cls[item % len(cls)]), CLASS_PROMPT, 1)]
+    cls = sorted(os.listdir(class_dir)) if class_dir else []
+    item = np.random.default_rng([0, tdb.ORDER_STREAM, 0]).permutation(max(len(inst), len(cls)))[0]
+    samples = [(os.path.join(instance_dir, inst[item % len(inst)]), "a photo of sks dog", 0)]
+    if cls:
+        samples.append((os.path.join(class_dir, cls[item % len(cls)]), CLASS_PROMPT, 1))
     errors = []
     with paddle.no_grad():
         for path, prompt, kind in samples:
@@ -102,12 +95,35 @@ def test_logged_loss_of_first_update_matches_an_independent_computation(tiny_mod
             t = int(rng.integers(0, 1000))
             posterior = vae.encode(paddle.to_tensor(image_array(path)[None])).latent_dist
             latent = (posterior.mean.numpy()[0] + posterior.std.numpy()[0] * eps) * vae.config.scaling_factor
-            noisy = np.sqrt(alphas_cumprod[t]) * latent + np.sqrt(1 - alphas_cumprod[t]) * noise
+            a, b = np.sqrt(alphas_cumprod[t]), np.sqrt(1 - alphas_cumprod[t])
+            noisy = a * latent + b * noise
+            target = a * noise - b * latent if scheduler.config.prediction_type == "v_prediction" else noise
             ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length)["input_ids"]
             states = text_encoder(paddle.to_tensor([ids]))[0]
             pred = unet(paddle.to_tensor(noisy[None].astype(np.float32)), paddle.to_tensor([t]), states).sample
-            errors.append(float(((pred.numpy()[0].astype(np.float64) - noise) ** 2).mean()))
-    assert logged == pytest.approx(errors[0] + 0.7 * errors[1], rel=1e-4)
+            errors.append(float(((pred.numpy()[0].astype(np.float64) - target) ** 2).mean()))
+    return errors[0] + prior_weight * sum(errors[1:])
+
+
+def test_logged_loss_of_first_update_matches_an_independent_computation(tiny_model, instance_dir, tmp_path):
+    """instance MSE + w x prior MSE, by hand."""
+    class_dir = make_images(tmp_path / "class", n=3, size=(64, 64), seed=5)
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--with_prior_preservation", "--class_prompt",
+                          CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", 3,
+                          "--prior_loss_weight", 0.7, "--max_train_steps", 1, "--center_crop"))
+    logged = logged_scalars(out, "train/loss")[1]
+    assert logged == pytest.approx(first_update_loss_by_hand(tiny_model, instance_dir, class_dir, 0.7), rel=1e-4)
+
+
+def test_v_prediction_models_train_against_the_velocity(instance_dir, tmp_path):
+    from tiny_sd import save_tiny_pipeline
+
+    model = tmp_path / "v_model"
+    save_tiny_pipeline(str(model), prediction_type="v_prediction")
+    run_train(*train_args(model, instance_dir, tmp_path / "out", "--max_train_steps", 1, "--center_crop"))
+    logged = logged_scalars(tmp_path / "out", "train/loss")[1]
+    assert logged == pytest.approx(first_update_loss_by_hand(str(model), instance_dir, None, 0.0), rel=1e-4)
 
 
 def test_accumulation_equals_the_larger_batch(tiny_model, instance_dir, tmp_path):

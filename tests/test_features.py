@@ -1,0 +1,163 @@
+"""Validation, mixed precision, attention, multi-concept, captions, flips and latent caching."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASS_PROMPT, load_weights, logged_scalars, make_images, run_train, train_args
+
+
+def test_validation_grids_images_in_the_log_and_unchanged_weights(tiny_model, instance_dir, tmp_path):
+    from visualdl import LogReader
+
+    plain, validated = tmp_path / "plain", tmp_path / "validated"
+    run_train(*train_args(tiny_model, instance_dir, plain, "--max_train_steps", 4))
+    run_train(*train_args(tiny_model, instance_dir, validated, "--max_train_steps", 4,
+                          "--validation_prompt", "a photo of sks dog", "--validation_prompt", "a photo of dog",
+                          "--validation_steps", 2, "--num_validation_images", 2,
+                          "--validation_num_inference_steps", 2))
+    # updates 2 and 4, and the final validation after the last save (also update 4)
+    assert sorted(os.listdir(validated / "validation")) == ["step-000002.png", "step-000004.png"]
+    grid = Image.open(validated / "validation" / "step-000002.png")
+    assert grid.width >= 2 * 64 and grid.height >= 2 * 64  # two rows of two 64x64 images
+    log = validated / "logs"
+    reader = LogReader(file_path=str(log / os.listdir(log)[0]))
+    assert {"validation/0", "validation/1"} <= set(reader.get_tags()["image"])
+    a, b = load_weights(plain), load_weights(validated)
+    assert all(np.array_equal(a[k], b[k]) for k in a), "validation changed the training"
+
+
+def test_validation_images_are_comparable_across_steps(tiny_model, instance_dir, tmp_path):
+    """Same seed per image index: a run with lr 0 draws identical grids at every step."""
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 2, "--learning_rate", 1e-12,
+                          "--validation_prompt", "a photo of dog", "--validation_steps", 1,
+                          "--num_validation_images", 1, "--validation_num_inference_steps", 2))
+    first, second = (np.asarray(Image.open(out / "validation" / f"step-00000{i}.png")) for i in (1, 2))
+    assert np.abs(first.astype(int) - second.astype(int)).max() <= 1
+
+
+def test_bf16_runs_on_cpu_and_fp16_says_it_needs_a_gpu(tiny_model, instance_dir, tmp_path):
+    import train_dreambooth
+
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "bf16", "--mixed_precision", "bf16"))
+    assert np.isfinite(list(logged_scalars(tmp_path / "bf16", "train/loss").values())).all()
+    with pytest.raises(train_dreambooth.DreamBoothError, match="fp16 needs a GPU"):
+        run_train(*train_args(tiny_model, instance_dir, tmp_path / "fp16", "--mixed_precision", "fp16"))
+
+
+def test_memory_efficient_attention_without_support_is_a_clear_error(tiny_model, instance_dir, tmp_path):
+    import train_dreambooth
+    from ppdiffusers.utils import is_ppxformers_available
+
+    argv = train_args(tiny_model, instance_dir, tmp_path / "out", "--enable_xformers_memory_efficient_attention")
+    if is_ppxformers_available():
+        pytest.skip("this Paddle build has memory-efficient attention")
+    with pytest.raises(train_dreambooth.DreamBoothError, match="needs a GPU build"):
+        run_train(*argv)
+
+
+@pytest.fixture
+def seen_prompts(monkeypatch):
+    """Every (prompt, image size) a training step crops, recorded through TrainImage.pixels."""
+    import train_dreambooth
+
+    seen, real = [], train_dreambooth.TrainImage.pixels
+
+    def recording(self, rng, args):
+        seen.append((self.prompt, id(self)))
+        return real(self, rng, args)
+
+    monkeypatch.setattr(train_dreambooth.TrainImage, "pixels", recording)
+    return seen
+
+
+def test_multi_concept_generates_class_images_per_concept_and_sees_every_image(tiny_model, tmp_path,
+                                                                                seen_prompts):
+    concepts = [
+        dict(instance_prompt="a photo of sks dog", instance_data_dir=make_images(tmp_path / "dog", n=3, seed=1),
+             class_prompt="a photo of dog", class_data_dir=str(tmp_path / "dog_class"), num_class_images=2),
+        dict(instance_prompt="a photo of sks cat", instance_data_dir=make_images(tmp_path / "cat", n=2, seed=2),
+             class_prompt="a photo of cat", class_data_dir=str(tmp_path / "cat_class"), num_class_images=3),
+    ]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    argv = train_args(tiny_model, None, tmp_path / "out", "--instance_data_dir", None, "--instance_prompt", None,
+                      "--concepts_list", tmp_path / "concepts.json", "--with_prior_preservation",
+                      "--class_inference_steps", 2, "--num_train_epochs", 1, "--max_train_steps", None,
+                      "--no_cache_latents")
+    run_train(*argv)
+    assert len(os.listdir(tmp_path / "dog_class")) == 2 and len(os.listdir(tmp_path / "cat_class")) == 3
+    prompts = {p for p, _ in seen_prompts}
+    assert prompts == {"a photo of sks dog", "a photo of sks cat", "a photo of dog", "a photo of cat"}
+    instance_images = {i for p, i in seen_prompts if "sks" in p}
+    assert len(instance_images) == 5, "every concept's instance images within one epoch"
+
+
+def test_captions_replace_the_instance_prompt(tiny_model, tmp_path, seen_prompts):
+    folder = make_images(tmp_path / "inst", n=2)
+    (tmp_path / "inst" / "img0.txt").write_text("a photo of sks dog on the beach\n")
+    run_train(*train_args(tiny_model, folder, tmp_path / "out", "--use_image_captions", "--no_cache_latents",
+                          "--train_batch_size", 2, "--max_train_steps", 1))
+    assert sorted({p for p, _ in seen_prompts}) == ["a photo of sks dog", "a photo of sks dog on the beach"]
+
+
+def test_random_flip_mirrors_the_crop(tmp_path):
+    from train_dreambooth import TrainImage, parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt",
+                       "x", "--resolution", "64", "--random_flip", "--center_crop"])
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    item = TrainImage(image, "p", args)
+    draws = [item.pixels(np.random.default_rng(seed), args) for seed in range(20)]
+    flipped = [p for p, f in draws if f]
+    kept = [p for p, f in draws if not f]
+    assert flipped and kept
+    np.testing.assert_array_equal(flipped[0], kept[0][:, :, ::-1])
+
+
+def count_calls(monkeypatch, cls, method):
+    calls = []
+    real = getattr(cls, method)
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, method, counting)
+    return calls
+
+
+def test_with_caching_neither_vae_nor_text_encoder_runs_in_training_steps(tiny_model, instance_dir, tmp_path,
+                                                                          monkeypatch):
+    from ppdiffusers import AutoencoderKL
+    from ppdiffusers.transformers import CLIPTextModel
+
+    counts = {}
+    for steps in (2, 6):
+        encodes = count_calls(monkeypatch, AutoencoderKL, "encode")
+        texts = count_calls(monkeypatch, CLIPTextModel, "forward")
+        run_train(*train_args(tiny_model, instance_dir, tmp_path / f"s{steps}", "--max_train_steps", steps,
+                              "--center_crop", "--cache_latents"))
+        counts[steps] = (len(encodes), len(texts))
+        monkeypatch.undo()
+    assert counts[2] == counts[6] == (4, 1), counts  # 4 images encoded once, 1 prompt embedded once
+
+
+def test_cached_posterior_draws_match_the_vae_own_sampling(tiny_model):
+    """Caching keeps the VAE's latent distribution (mean, std) and draws a fresh sample per step:
+    many such draws have the mean and spread of the VAE's own latent_dist.sample()."""
+    import paddle
+    from ppdiffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    pixels = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32))
+    with paddle.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        own = np.stack([posterior.sample().numpy()[0] for _ in range(1000)])
+    mean, std = posterior.mean.numpy()[0], posterior.std.numpy()[0]
+    eps = np.random.default_rng(1).standard_normal((1000, *mean.shape)).astype(np.float32)
+    cached = mean + std * eps
+    assert np.abs(cached.mean(0) - own.mean(0)).max() < 0.2 * std.max()
+    np.testing.assert_allclose(cached.std(0), own.std(0), rtol=0.15)
