@@ -34,6 +34,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 # Schedulers for generating class images; few steps suffice for DPM-Solver.
 CLASS_SAMPLERS = {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
                   "euler_a": "EulerAncestralDiscreteScheduler", "model": None}
+# A folder holding one of these is a finished run's output.
+FINISHED_MARKERS = ("model_index.json", "paddle_lora_weights.safetensors")
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Independent random streams, so that e.g. changing augmentation never changes the noise.
 ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
@@ -43,7 +45,8 @@ ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
 RESUME_INVARIANT_ARGS = [
     "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "seed", "height", "width",
     "with_prior_preservation", "train_text_encoder", "center_crop", "random_flip", "world_size",
-    "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler",
+    "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler", "use_lora", "lora_rank",
+    "lora_alpha",
 ]
 
 
@@ -107,6 +110,10 @@ def parse_args(argv=None):
                    help="Allow writing over a finished pipeline in --output_dir.")
     g.add_argument("--seed", type=int, default=None, help="Random seed (default: drawn and logged).")
     g.add_argument("--train_text_encoder", action="store_true", help="Also train the text encoder.")
+    g.add_argument("--use_lora", action="store_true",
+                   help="Train LoRA adapters on the UNet attention projections instead of the whole UNet.")
+    g.add_argument("--lora_rank", type=int, default=4, help="Rank of the LoRA adapters.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: rank).")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None,
@@ -186,13 +193,18 @@ def check_args(args):
             raise DreamBoothError(f"--validation_prompt_file {args.validation_prompt_file}: no such file")
         with open(args.validation_prompt_file, encoding="utf-8") as f:
             args.validation_prompt = (args.validation_prompt or []) + [ln.strip() for ln in f if ln.strip()]
-    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size",
+    positive = ["lora_rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size",
                 "save_steps", "logging_steps", "class_inference_steps", "num_validation_images",
                 "validation_steps", "validation_num_inference_steps"]
     positive += [f for f in ("max_train_steps", "checkpoints_total_limit") if getattr(args, f) is not None]
     for flag in positive:
         if getattr(args, flag) <= 0:
             raise DreamBoothError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
+    if args.use_lora and args.train_text_encoder:
+        raise DreamBoothError("--use_lora with --train_text_encoder: ppdiffusers 0.29 cannot load text-encoder LoRA "
+                              "weights (its loader for them is removed); train the UNet LoRA alone")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
     if args.learning_rate <= 0:
         raise DreamBoothError(f"--learning_rate must be positive, got {args.learning_rate}")
     for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset",
@@ -352,7 +364,8 @@ def load_models(args, resume_from=None):
         text_encoder = load("text_encoder", lambda: type(text_encoder).from_pretrained(
             resume_from, subfolder="text_encoder"))
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
-    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(resume_from or model, subfolder="unet"))
+    trained_unet = resume_from if resume_from and not args.use_lora else model  # LoRA resumes onto the base
+    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(trained_unet, subfolder="unet"))
     noise_scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
@@ -383,6 +396,32 @@ def enable_memory_efficient_attention(unet):
         raise DreamBoothError("--enable_xformers_memory_efficient_attention: this Paddle build has no memory-"
                               "efficient attention (it needs a GPU build); drop the flag")
     unet.enable_xformers_memory_efficient_attention()
+
+
+def add_lora_adapters(unet, args):
+    """Freeze the UNet and give every attention projection a ppdiffusers LoRALinearLayer;
+    returns the number of trainable parameters."""
+    from ppdiffusers.models.attention_processor import Attention
+    from ppdiffusers.models.lora import LoRALinearLayer
+
+    for p in unet.parameters():
+        p.stop_gradient = True
+    for layer in unet.sublayers():
+        if isinstance(layer, Attention):
+            for linear in (layer.to_q, layer.to_k, layer.to_v, layer.to_out[0]):
+                fan_in, fan_out = linear.weight.shape  # Paddle stores Linear weights [in, out]
+                linear.set_lora_layer(LoRALinearLayer(fan_in, fan_out, rank=args.lora_rank,
+                                                      network_alpha=args.lora_alpha))
+    return sum(int(p.numel()) for p in unet.parameters() if not p.stop_gradient)
+
+
+def lora_state_for_loading(unet, args):
+    """LoRA weights as load_lora_weights reads them. Its loader knows no alpha, so the scale
+    alpha / rank is folded into the up projection."""
+    from ppdiffusers.training_utils import unet_lora_state_dict
+
+    scale = args.lora_alpha / args.lora_rank
+    return {k: v * scale if ".up." in k else v for k, v in unet_lora_state_dict(unet).items()}
 
 
 def tokenize(tokenizer, prompt):
@@ -613,12 +652,17 @@ def saving(what):
 
 
 def save_pipeline(args, unet, text_encoder, tokenizer, folder):
-    """Write a full ppdiffusers pipeline: the trained UNet (and text encoder), the rest from the base."""
+    """Write what the run produces: a full ppdiffusers pipeline (the trained UNet and text encoder, the
+    rest from the base), or with --use_lora a LoRA weights file that load_lora_weights reads."""
     from ppdiffusers import StableDiffusionPipeline
     from ppdiffusers.training_utils import unwrap_model
 
-    components = dict(unet=unwrap_model(unet), text_encoder=unwrap_model(text_encoder), tokenizer=tokenizer)
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **components)
+    unet, text_encoder = unwrap_model(unet), unwrap_model(text_encoder)
+    if args.use_lora:
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_for_loading(unet, args))
+        return
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
+                                                   text_encoder=text_encoder, tokenizer=tokenizer)
     pipe.save_pretrained(folder)
 
 
@@ -675,6 +719,9 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
             save_pipeline(args, unet, text_encoder, tokenizer, tmp)
             names = structured_names(models)
             paddle.save(rename_state(optimizer.state_dict(), names), os.path.join(tmp, "optimizer.pdopt"))
+            if args.use_lora:  # the exact trained values, unscaled, for resuming
+                lora = {k: v for k, v in models["unet"].state_dict().items() if ".lora_layer." in k}
+                paddle.save(lora, os.path.join(tmp, "lora_training_state.pdparams"))
             state = dict(position, lr_scheduler=lr_scheduler.state_dict(), world_size=world_size,
                          args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
@@ -862,6 +909,13 @@ def main(args):
     for p in text_encoder.parameters():
         p.stop_gradient = not args.train_text_encoder
     unet.train()
+    if args.use_lora:
+        trainable = add_lora_adapters(unet, args)
+        logger.info("LoRA rank %d, alpha %g: %d trainable parameters (%.2f%% of the UNet's %d)", args.lora_rank,
+                    args.lora_alpha, trainable, 100 * trainable / sum(int(p.numel()) for p in unet.parameters()),
+                    sum(int(p.numel()) for p in unet.parameters()))
+        if resume_from:
+            unet.set_state_dict(paddle.load(os.path.join(resume_from, "lora_training_state.pdparams")))
     autocast, scaler = setup_mixed_precision(args, [vae] + ([] if args.train_text_encoder else [text_encoder]))
     if args.enable_xformers_memory_efficient_attention:
         enable_memory_efficient_attention(unet)
@@ -907,7 +961,7 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if not p.stop_gradient]
     optimizer = paddle.optimizer.AdamW(
         learning_rate=lr_scheduler, parameters=params, beta1=args.adam_beta1, beta2=args.adam_beta2,
         epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
@@ -1175,7 +1229,7 @@ def restore_training_state(folder, state, optimizer, lr_scheduler, models, rank)
 
 def prepare_output_dir(args, resume_from, rank):
     """Refuse to overwrite a finished pipeline of another run; check that output_dir is writable."""
-    finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
+    finished = any(os.path.exists(os.path.join(args.output_dir, name)) for name in FINISHED_MARKERS)
     if finished and not resume_from and not args.overwrite_output_dir:
         raise DreamBoothError(f"--output_dir {args.output_dir} already holds a trained pipeline; pass "
                               "--overwrite_output_dir, --resume_from_checkpoint latest, or choose another folder")
