@@ -539,6 +539,10 @@ def load_instances(concepts, args):
             raise DreamBoothError(f"--instance_data_dir {concept['instance_data_dir']} holds no images "
                                   f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
         images = load_images(paths, "--instance_data_dir")
+        small = [os.path.basename(p) for p, im in zip(paths, images) if im.width < args.width or im.height < args.height]
+        if small:  # upscaling blurs: worth knowing, not worth refusing
+            logger.warning("%d image(s) smaller than %dx%d are upscaled (blurrier training data): %s", len(small),
+                           args.width, args.height, ", ".join(small))
         instances += [TrainImage(im, caption_of(path, concept["instance_prompt"], args), args)
                       for path, im in zip(paths, images)]
     return instances
