@@ -13,6 +13,7 @@ import argparse
 import collections
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -211,6 +212,12 @@ def check_args(args):
                  "dataloader_num_workers"):
         if getattr(args, flag) < 0:
             raise DreamBoothError(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    model = args.pretrained_model_name_or_path
+    if os.path.exists(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise DreamBoothError(f"--pretrained_model_name_or_path {model}: not a Stable Diffusion pipeline folder "
+                              "(no model_index.json); give a model id or a folder saved by save_pretrained")
+    if args.writer_type == "tensorboard" and importlib.util.find_spec("tensorboardX") is None:
+        raise DreamBoothError("--writer_type tensorboard needs tensorboardX: pip install tensorboardX")
     if args.with_prior_preservation and not args.concepts_list:
         if not args.class_prompt:
             raise DreamBoothError("--with_prior_preservation needs --class_prompt (e.g. \"a photo of dog\")")
@@ -343,9 +350,6 @@ def load_models(args, resume_from=None):
     from ppdiffusers.transformers import AutoTokenizer
 
     model = args.pretrained_model_name_or_path
-    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
-        raise DreamBoothError(f"--pretrained_model_name_or_path {model}: not a Stable Diffusion pipeline folder "
-                              "(no model_index.json); give a model id or a folder saved by save_pretrained")
 
     def load(component, fn):
         try:
@@ -840,10 +844,8 @@ def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, 
 def make_writer(args):
     logdir = os.path.join(args.output_dir, args.logging_dir)
     if args.writer_type == "tensorboard":
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise DreamBoothError("--writer_type tensorboard needs tensorboardX: pip install tensorboardX")
+        from tensorboardX import SummaryWriter
+
         return SummaryWriter(logdir)
     from visualdl import LogWriter
 
