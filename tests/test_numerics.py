@@ -33,10 +33,10 @@ def test_compute_loss_is_instance_mse_plus_weighted_prior_mse():
     pred, target = rng.standard_normal((2, 4, 4, 8, 8)).astype(np.float32)
     loss = compute_loss(paddle.to_tensor(pred), paddle.to_tensor(target), 2, args)
     by_hand = ((pred[:2] - target[:2]) ** 2).mean() + 0.3 * ((pred[2:] - target[2:]) ** 2).mean()
-    np.testing.assert_allclose(float(loss), by_hand, rtol=1e-6)
+    assert float(loss) == pytest.approx(by_hand, rel=1e-6)
     # Without class samples it is the plain MSE.
     loss = compute_loss(paddle.to_tensor(pred), paddle.to_tensor(target), 4, args)
-    np.testing.assert_allclose(float(loss), ((pred - target) ** 2).mean(), rtol=1e-6)
+    assert float(loss) == pytest.approx(((pred - target) ** 2).mean(), rel=1e-6)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -54,7 +54,7 @@ def test_min_snr_weights_split_with_the_prior_batch(prediction_type):
     mse = ((pred - target) ** 2).mean(axis=(1, 2, 3))
     denominator = snr + 1 if prediction_type == "v_prediction" else snr
     weighted = mse * np.minimum(snr, 5.0) / denominator
-    np.testing.assert_allclose(float(loss), weighted[:2].mean() + 0.5 * weighted[2:].mean(), rtol=1e-5)
+    assert float(loss) == pytest.approx(weighted[:2].mean() + 0.5 * weighted[2:].mean(), rel=1e-5)
 
 
 def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight):
