@@ -884,11 +884,10 @@ def main(args):
         recover_interrupted_saves(args.output_dir)
     barrier()
     resume_from = find_resume_checkpoint(args)
-    if args.seed is None:
-        args.seed = read_training_state(args, resume_from)["args"]["seed"] if resume_from \
-            else random.SystemRandom().randrange(2**31)
-        logger.info("No --seed given: using --seed %d", args.seed)
     resume_state = read_training_state(args, resume_from) if resume_from else None
+    if args.seed is None:  # a resumed run keeps its seed; a new one draws and logs it
+        args.seed = resume_state["args"]["seed"] if resume_state else random.SystemRandom().randrange(2**31)
+        logger.info("No --seed given: using --seed %d", args.seed)
     paddle.seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -917,9 +916,9 @@ def main(args):
     unet.train()
     if args.use_lora:
         trainable = add_lora_adapters(unet, args)
+        total = sum(int(p.numel()) for p in unet.parameters())
         logger.info("LoRA rank %d, alpha %g: %d trainable parameters (%.2f%% of the UNet's %d)", args.lora_rank,
-                    args.lora_alpha, trainable, 100 * trainable / sum(int(p.numel()) for p in unet.parameters()),
-                    sum(int(p.numel()) for p in unet.parameters()))
+                    args.lora_alpha, trainable, 100 * trainable / total, total)
         if resume_from:
             unet.set_state_dict(paddle.load(os.path.join(resume_from, "lora_training_state.pdparams")))
     autocast, scaler = setup_mixed_precision(args, [vae] + ([] if args.train_text_encoder else [text_encoder]))
