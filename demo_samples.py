@@ -11,9 +11,7 @@ import argparse
 import os
 import re
 
-from PIL import Image, ImageDraw, ImageFont
-
-PAD = 4  # pixels between images and around the labels
+from train_dreambooth import image_grid
 
 
 def parse_args():
@@ -58,27 +56,6 @@ def slug(text):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
 
 
-def make_grid(rows):
-    """rows: [(prompt, [PIL images])] -> one image, each row under its prompt."""
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_h = max(measure.textbbox((0, 0), p, font=font)[3] for p, _ in rows) + PAD
-    cell_w, cell_h = rows[0][1][0].size
-    n = max(len(images) for _, images in rows)
-    # Tiny models sample tiny images: widen the grid rather than clip a long prompt.
-    text_w = max(measure.textbbox((0, 0), p, font=font)[2] for p, _ in rows)
-    width = max(n * (cell_w + PAD) + PAD, text_w + 2 * PAD)
-    row_h = label_h + cell_h + PAD
-    grid = Image.new("RGB", (width, len(rows) * row_h + PAD), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (prompt, images) in enumerate(rows):
-        top = PAD + r * row_h
-        draw.text((PAD, top), prompt, fill="black", font=font)
-        for i, image in enumerate(images):
-            grid.paste(image, (PAD + i * (cell_w + PAD), top + label_h))
-    return grid
-
-
 def main():
     args = parse_args()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -91,7 +68,7 @@ def main():
         for i, image in enumerate(images):
             image.save(f"{stem}_{slug(prompt)}_{i}.png")
         rows.append((prompt, images))
-    make_grid(rows).save(args.out)
+    image_grid(rows).save(args.out)
     print(args.out)
 
 
