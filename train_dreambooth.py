@@ -37,6 +37,9 @@ CLASS_SAMPLERS = {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMSche
                   "euler_a": "EulerAncestralDiscreteScheduler", "model": None}
 # A folder holding one of these is a finished run's output.
 FINISHED_MARKERS = ("model_index.json", "paddle_lora_weights.safetensors")
+# What save_final moves into output_dir (commit_dir may leave <name>.old for a moment).
+PIPELINE_ENTRIES = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
+                    "image_encoder"}
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Independent random streams, so that e.g. changing augmentation never changes the noise.
 ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
@@ -157,10 +160,19 @@ def parse_args(argv=None):
                    help="Save output_dir/checkpoint-<step> every this many optimizer updates.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder to resume from.')
+    g.add_argument("--export_single_file", action="store_true",
+                   help="After the final save, also write output_dir/<name of output_dir>.safetensors for Stable "
+                        "Diffusion WebUI / ComfyUI: a full SD 1.x checkpoint, or with --use_lora a kohya-layout "
+                        "LoRA (see docs/webui.md).")
+    g.add_argument("--export_half", action="store_true",
+                   help="With --export_single_file: store that file in float16 (half the size).")
     g.add_argument("--logging_dir", default="logs", help="Log folder, under output_dir.")
     g.add_argument("--writer_type", "--report_to", dest="writer_type", default="visualdl",
                    choices=["visualdl", "tensorboard"], help="Where scalars are logged.")
     g.add_argument("--logging_steps", type=int, default=1, help="Log scalars every this many updates.")
+    g.add_argument("--diagnostics_steps", type=int, default=100,
+                   help="Every this many updates, measure subject fit and class drift on fixed probes "
+                        "(output_dir/diagnostics.csv and .png; see docs/diagnostics.md). 0: off.")
 
     args = p.parse_args(argv)
     check_args(args)
@@ -206,9 +218,18 @@ def check_args(args):
                               "weights (its loader for them is removed); train the UNet LoRA alone")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
+    if args.export_half and not args.export_single_file:
+        raise DreamBoothError("--export_half only applies to --export_single_file; add that flag or drop this one")
     if args.learning_rate <= 0:
         raise DreamBoothError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset",
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise DreamBoothError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if args.adam_epsilon <= 0:
+        raise DreamBoothError(f"--adam_epsilon must be positive, got {args.adam_epsilon}")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise DreamBoothError(f"--max_grad_norm must be positive (omit it to disable clipping), got {args.max_grad_norm}")
+    for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset", "adam_weight_decay", "diagnostics_steps",
                  "dataloader_num_workers"):
         if getattr(args, flag) < 0:
             raise DreamBoothError(f"--{flag} must not be negative, got {getattr(args, flag)}")
@@ -224,8 +245,9 @@ def check_args(args):
         if not args.class_data_dir:
             raise DreamBoothError("--with_prior_preservation needs --class_data_dir (a folder; missing class "
                                   "images are generated there)")
-    elif not args.with_prior_preservation and (args.class_prompt or args.class_data_dir):
-        warnings.warn("--class_prompt/--class_data_dir are ignored without --with_prior_preservation")
+    elif not args.with_prior_preservation and (args.class_data_dir or args.class_prompt and not args.diagnostics_steps):
+        warnings.warn("--class_prompt/--class_data_dir are ignored without --with_prior_preservation "
+                      "(--class_prompt only names the class whose drift --diagnostics_steps measures)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,10 +273,12 @@ def open_rgb(path):
     with Image.open(path) as image:
         image.load()
         image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: rescale, don't clip
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: 65535 is white, as 255 is in 8 bits
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":  # float grey has no fixed white: scale its own range
         values = np.asarray(image, dtype=np.float64)
-        peak = values.max() or 1.0
-        image = Image.fromarray((values * (255.0 / peak)).astype(np.uint8), "L")
+        image = Image.fromarray((values * (255.0 / (values.max() or 1.0))).clip(0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")  # transparent parts become white, not black
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -343,6 +367,10 @@ def load_text_encoder_class(model):
     return getattr(transformers, name)
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load_models(args, resume_from=None):
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, each failure named.
     When resuming, the trained models come from the checkpoint."""
@@ -357,11 +385,17 @@ def load_models(args, resume_from=None):
         except DreamBoothError:
             raise
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DreamBoothError(f"cannot load the {component} of {model}: {first_line}") from e
+            raise DreamBoothError(f"cannot load the {component} of {model} ({first_line(e)}); check that "
+                                  f"{component}/ is complete, or give another --pretrained_model_name_or_path") from e
 
-    tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(args.tokenizer_name) if args.tokenizer_name
-                     else AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
+    if args.tokenizer_name:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        except Exception as e:
+            raise DreamBoothError(f"--tokenizer_name {args.tokenizer_name}: cannot load a tokenizer "
+                                  f"({first_line(e)}); give a tokenizer id or folder, or drop the flag") from e
+    else:
+        tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
     text_encoder = load("text_encoder", lambda: load_text_encoder_class(model).from_pretrained(
         model, subfolder="text_encoder"))
     if resume_from and args.train_text_encoder:
@@ -488,9 +522,13 @@ def load_sampling_pipeline(args):
     from ppdiffusers import StableDiffusionPipeline
 
     dtype = paddle.float16 if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else None
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
-                                                   requires_safety_checker=False,
-                                                   **({"paddle_dtype": dtype} if dtype else {}))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
+                                                       requires_safety_checker=False,
+                                                       **({"paddle_dtype": dtype} if dtype else {}))
+    except Exception as e:
+        raise DreamBoothError(f"cannot load {args.pretrained_model_name_or_path} to generate class images "
+                              f"({first_line(e)}); check --pretrained_model_name_or_path") from e
     if CLASS_SAMPLERS[args.class_sampler]:
         sampler = getattr(ppdiffusers, CLASS_SAMPLERS[args.class_sampler])
         pipe.scheduler = sampler.from_config(pipe.scheduler.config)
@@ -506,17 +544,20 @@ def generate_class_images(concept, args, world_size, rank, pipe=None):
 
     folder, prompt = concept["class_data_dir"], concept["class_prompt"]
     wanted = int(concept.get("num_class_images", args.num_class_images))
-    os.makedirs(folder, exist_ok=True)
     check_class_dir_prompt(concept)
-    missing = wanted - len(list_images(folder, "--class_data_dir"))
+    missing = wanted - len(list_images(folder, "--class_data_dir", must_exist=False))
     if missing <= 0:
         return pipe
+    pipe = pipe or load_sampling_pipeline(args)  # a broken model fails here, before anything is written
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # images a killed run left half-written
+        if name.endswith(".png.tmp"):
+            os.remove(os.path.join(folder, name))
     taken = set(os.listdir(folder))
     indices = [i for i in range(wanted + len(taken)) if class_image_name(prompt, i) not in taken][:missing]
     mine = indices[rank::world_size]
     logger.info("Generating %d class images for %r in %s (%s, %d steps)", missing, prompt, folder,
                 args.class_sampler, args.class_inference_steps)
-    pipe = pipe or load_sampling_pipeline(args)
     started = time.time()
     with tqdm(total=len(mine), desc="class images", disable=rank != 0) as bar:
         for start in range(0, len(mine), args.sample_batch_size):
@@ -527,8 +568,8 @@ def generate_class_images(concept, args, world_size, rank, pipe=None):
                           num_inference_steps=args.class_inference_steps).images
             for i, image in zip(batch, images):
                 path = os.path.join(folder, class_image_name(prompt, i))
-                image.save(path + ".tmp.png")
-                os.replace(path + ".tmp.png", path)
+                image.save(path + ".tmp", format="PNG")  # not *.png until complete
+                os.replace(path + ".tmp", path)
             bar.update(len(batch))
     logger.info("Class images: %.2f images/s on rank %d", len(mine) / (time.time() - started), rank)
     return pipe
@@ -636,15 +677,20 @@ def commit_dir(tmp, final):
 
 
 def recover_interrupted_saves(folder):
-    """Undo what a crash in the middle of a save left behind (see commit_dir)."""
+    """Undo what a crash in the middle of a save left behind (see commit_dir). Only names this
+    trainer stages are touched: checkpoint-N, final and the pipeline's own files."""
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
+        base = name[:-4]
+        if not (name.endswith((".tmp", ".old")) and (checkpoint_step(base) is not None or base == "final"
+                                                     or base in PIPELINE_ENTRIES)):
+            continue
         if name.endswith(".old") and not os.path.exists(path[:-4]):
             os.replace(path, path[:-4])
             logger.warning("Restored %s, whose replacement was interrupted", path[:-4])
-        elif name.endswith(".tmp") or name.endswith(".old"):
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -775,6 +821,30 @@ def save_final(args, unet, text_encoder, tokenizer):
     logger.info("Saved the trained pipeline to %s", args.output_dir)
 
 
+def export_result(args, unet, text_encoder, vae):
+    """--export_single_file: the saved result as output_dir/<its name>.safetensors for WebUI / ComfyUI."""
+    import paddle
+    from ppdiffusers import AutoencoderKL
+    from ppdiffusers.training_utils import unwrap_model
+
+    import export_single_file
+
+    out = export_single_file.default_out_path(args.output_dir)
+    try:
+        if args.use_lora:  # from the LoRA file save_final just wrote
+            summary = export_single_file.export_lora(args.output_dir, out, half=args.export_half)
+        else:  # the saved pipeline's VAE is the base's; a GPU run holds it in half precision
+            vae = vae if vae.dtype == paddle.float32 else AutoencoderKL.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="vae")
+            summary = export_single_file.export_models(unwrap_model(unet), vae, unwrap_model(text_encoder),
+                                                       out, half=args.export_half)
+    except (OSError, ValueError) as e:
+        raise DreamBoothError(f"--export_single_file: could not write {out} ({getattr(e, 'strerror', None) or e}); "
+                              f"the trained model is saved in {args.output_dir}, and python export_single_file.py "
+                              f"{args.output_dir} exports it later") from e
+    logger.info("Exported %s (%d tensors, %s) for WebUI / ComfyUI", out, summary["tensors"], summary["dtype"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation
 
@@ -875,6 +945,8 @@ def main(args):
     from ppdiffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    import diagnostics
+
     world_size, rank = world()
     setup_logging(rank)
     if world_size > 1:
@@ -895,7 +967,7 @@ def main(args):
     # --- Data: every input is checked before anything is written.
     concepts = read_concepts(args)
     instances = load_instances(concepts, args)
-    prepare_output_dir(args, resume_from, rank)
+    check_output_dir(args, resume_from)
     classes = load_classes(concepts, args, world_size, rank) if args.with_prior_preservation else []
     num_items = max(len(instances), len(classes))
     logger.info("%d instance images, %d class images, %d examples per epoch", len(instances), len(classes),
@@ -903,6 +975,9 @@ def main(args):
 
     # --- Models.
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, resume_from)
+    if rank == 0:  # the first write to output_dir, once every input has been checked
+        with saving(args.output_dir):
+            os.makedirs(args.output_dir, exist_ok=True)
     args.prediction_type = noise_scheduler.config.prediction_type
     vae_scale = vae.config.scaling_factor
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -1047,6 +1122,9 @@ def main(args):
         return compute_snr(noise_scheduler, timesteps) if args.snr_gamma else None
 
     writer = make_writer(args) if rank == 0 else None
+    # Rank 0 alone measures; the other ranks go on and wait for it in the next all-reduce.
+    diag = diagnostics.start(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler), autocast,
+                             writer, position["global_step"]) if rank == 0 and args.diagnostics_steps else None
     logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
                 args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
                 args.gradient_accumulation_steps, args.learning_rate)
@@ -1105,6 +1183,8 @@ def main(args):
                         writer.add_scalar("train/loss", group_loss, global_step)
                         writer.add_scalar("train/lr", lr, global_step)
                         writer.add_scalar("train/update_seconds", update_seconds[-1], global_step)
+                    if diag and global_step % args.diagnostics_steps == 0:
+                        diag.measure(global_step)
                 if signalled or global_step % args.save_steps == 0:
                     save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
                 if rank == 0 and args.validation_prompt and global_step % args.validation_steps == 0:
@@ -1124,7 +1204,11 @@ def main(args):
         save_final(args, unet, text_encoder, tokenizer)
         if args.validation_prompt:
             validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
+        if diag:
+            diag.finish(global_step)
         writer.close()
+        if args.export_single_file:
+            export_result(args, unet, text_encoder, vae)
     barrier()
 
 
@@ -1232,21 +1316,18 @@ def restore_training_state(folder, state, optimizer, lr_scheduler, models, rank)
     return {k: state[k] for k in ("global_step", "epoch", "batch")}
 
 
-def prepare_output_dir(args, resume_from, rank):
-    """Refuse to overwrite a finished pipeline of another run; check that output_dir is writable."""
+def check_output_dir(args, resume_from):
+    """Refuse to overwrite a finished run; check that output_dir can be written. Writes nothing."""
     finished = any(os.path.exists(os.path.join(args.output_dir, name)) for name in FINISHED_MARKERS)
     if finished and not resume_from and not args.overwrite_output_dir:
         raise DreamBoothError(f"--output_dir {args.output_dir} already holds a trained pipeline; pass "
                               "--overwrite_output_dir, --resume_from_checkpoint latest, or choose another folder")
-    if rank == 0:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise DreamBoothError(f"--output_dir {args.output_dir} is not writable ({e.strerror}); "
-                                  "choose a folder you can write to")
+    existing = os.path.abspath(args.output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise DreamBoothError(f"--output_dir {args.output_dir} is not writable ({existing} is not a writable "
+                              "folder); choose a folder you can write to")
 
 
 if __name__ == "__main__":
