@@ -1,0 +1,276 @@
+"""Watch overfitting and language drift while DreamBooth trains (--diagnostics_steps).
+
+Two small probe sets are fixed before the first update, on rank 0, from --seed:
+
+- subject probes: the instance images, each with a fixed posterior sample, noise and timestep, and
+  its instance prompt. subject_fit is the denoising MSE on them: the training loss without the
+  training noise. It falls as the model learns the subject.
+- class probes: latents the base model itself samples for the class prompt, with fixed noise and
+  timesteps, and the base model's noise predictions on them. class_drift is the mean squared
+  difference between the current predictions and those: how far the class word has moved.
+
+The base predictions are computed once, so no copy of the base UNet is kept. Both sets are saved
+to output_dir/diagnostics_probes.npz, so a resumed run measures against the same base.
+Measuring uses its own NumPy generator and restores Paddle's RNG and the models' train/eval
+modes, so a run trains exactly the same with or without diagnostics.
+"""
+import contextlib
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+logger = logging.getLogger("dreambooth")
+
+# Sized so that measuring every 100 updates costs under 5% of training (see bench/EFFICACY.md).
+PROBES_PER_SET = 8
+CLASS_LATENTS = 4  # base-model samples the class probes are drawn from, 2 timesteps each
+CLASS_SAMPLING_STEPS = 10  # at most; DPM-Solver++ gives a recognisable sample in about 10
+PROBE_BATCH = 4  # UNet batch while measuring: bounds the extra memory on a 512px model
+DIAGNOSTICS_STREAM = 4  # train_dreambooth.py's own random streams are 1-3
+PROBE_FILE, CSV_FILE, PLOT_FILE = "diagnostics_probes.npz", "diagnostics.csv", "diagnostics.png"
+
+
+@dataclass
+class ProbeSet:
+    ids: np.ndarray  # [prompts, tokens] token ids of the set's distinct prompts
+    prompt_of: np.ndarray  # [n] which prompt each probe uses
+    noisy: np.ndarray  # [n, c, h, w] noised latents
+    timesteps: np.ndarray  # [n]
+    reference: np.ndarray  # [n, c, h, w] what a prediction is compared with
+
+
+@contextlib.contextmanager
+def measuring(*models):
+    """Eval mode without gradients; the models' modes and Paddle's RNG state are put back after."""
+    modes, rng = [m.training for m in models], paddle.get_rng_state()
+    for model in models:
+        model.eval()
+    try:
+        with paddle.no_grad():
+            yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+        paddle.set_rng_state(rng)
+
+
+def center_pixels(image, height, width):
+    """The center crop of an already resized image, as the float32 CHW array in [-1, 1] the VAE takes."""
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    crop = image.crop((left, top, left + width, top + height))
+    return np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def token_ids(tokenizer, prompts):
+    return np.array([tokenizer(p, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                               return_attention_mask=False)["input_ids"] for p in prompts], dtype=np.int64)
+
+
+def probe_noise(rng, n, latent_shape, num_train_timesteps):
+    """Noise and timesteps of n probes. The timesteps are stratified, so a few probes cover the
+    whole schedule instead of clustering by chance."""
+    noise = rng.standard_normal((n, *latent_shape), dtype=np.float32)
+    strata = (np.arange(n) + rng.random(n)) * num_train_timesteps / n
+    return noise, rng.permutation(strata.astype(np.int64))
+
+
+def subject_latents(instances, vae, args, rng):
+    """PROBES_PER_SET posterior samples of instance images spread over the set (repeated when
+    there are fewer images), and their prompts."""
+    picked = [instances[j * len(instances) // PROBES_PER_SET] for j in range(PROBES_PER_SET)]
+    posteriors = {}
+    for item in picked:  # one image at a time: a 512px VAE batch would be a memory spike
+        if id(item) not in posteriors:
+            pixels = paddle.to_tensor(center_pixels(item.image, args.height, args.width)[None], dtype=vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            posteriors[id(item)] = (dist.mean[0].astype("float32").numpy(), dist.std[0].astype("float32").numpy())
+    latents = []
+    for item in picked:
+        mean, std = posteriors[id(item)]
+        latents.append((mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * vae.config.scaling_factor)
+    return np.stack(latents), [item.prompt for item in picked]
+
+
+def sampled_class_latents(class_prompts, models, args, rng, autocast):
+    """CLASS_LATENTS latents the base model samples for the class prompts (held out: not the class
+    images it trains on), from starting noise of our own generator."""
+    from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = models
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [class_prompts[j % len(class_prompts)] for j in range(CLASS_LATENTS)]
+    shape = (unet.config.in_channels, args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    start = paddle.to_tensor(rng.standard_normal((CLASS_LATENTS, *shape), dtype=np.float32))
+    with autocast():
+        latents = pipe(prompts, height=args.height, width=args.width, latents=start, output_type="latent",
+                       num_inference_steps=min(args.class_inference_steps, CLASS_SAMPLING_STEPS)).images
+    return latents.astype("float32").numpy(), prompts
+
+
+def noised_probes(latents, prompts, tokenizer, noise_scheduler, rng):
+    """Probe j noises latent j % len(latents); the reference is the training target."""
+    latents = latents[np.arange(PROBES_PER_SET) % len(latents)]
+    prompts = [prompts[j % len(prompts)] for j in range(PROBES_PER_SET)]
+    noise, timesteps = probe_noise(rng, PROBES_PER_SET, latents.shape[1:], noise_scheduler.config.num_train_timesteps)
+    x0, eps, t = paddle.to_tensor(latents), paddle.to_tensor(noise), paddle.to_tensor(timesteps)
+    noisy = noise_scheduler.add_noise(x0, eps, t)
+    target = noise_scheduler.get_velocity(x0, eps, t) if noise_scheduler.config.prediction_type == "v_prediction" \
+        else eps
+    distinct = sorted(set(prompts))
+    return ProbeSet(ids=token_ids(tokenizer, distinct), prompt_of=np.array([distinct.index(p) for p in prompts]),
+                    noisy=noisy.numpy(), timesteps=timesteps, reference=target.numpy())
+
+
+def predict(unet, text_encoder, probes, autocast):
+    """The models' predictions on a probe set (call inside `measuring`)."""
+    with autocast():
+        states = text_encoder(paddle.to_tensor(probes.ids))[0]
+        out = []
+        for s in range(0, len(probes.noisy), PROBE_BATCH):
+            part = slice(s, s + PROBE_BATCH)
+            pred = unet(paddle.to_tensor(probes.noisy[part]), paddle.to_tensor(probes.timesteps[part]),
+                        paddle.gather(states, paddle.to_tensor(probes.prompt_of[part]))).sample
+            out.append(pred.astype("float32").numpy())
+    return np.concatenate(out)
+
+
+def mean_squared_difference(a, b):
+    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def build_probes(args, concepts, instances, models, autocast):
+    """(subject probes, class probes or None) from the models as they are now: the base model."""
+    tokenizer, text_encoder, vae, unet, noise_scheduler = models
+    rng = np.random.default_rng([args.seed, DIAGNOSTICS_STREAM])
+    with measuring(text_encoder, unet):
+        latents, prompts = subject_latents(instances, vae, args, rng)
+        subject = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
+        class_prompts = sorted({c["class_prompt"] for c in concepts if c.get("class_prompt")})
+        if not class_prompts:
+            logger.info("Diagnostics: no class prompt (--class_prompt), so class drift is not measured")
+            return subject, None
+        latents, prompts = sampled_class_latents(class_prompts, models, args, rng, autocast)
+        klass = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
+        klass.reference = predict(unet, text_encoder, klass, autocast)
+    return subject, klass
+
+
+def save_probes(path, sets):
+    arrays = {f"{name}.{field}": getattr(probes, field) for name, probes in sets.items() if probes is not None
+              for field in ProbeSet.__dataclass_fields__}
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+def load_probes(path):
+    with np.load(path) as saved:
+        return [ProbeSet(**{f: saved[f"{name}.{f}"] for f in ProbeSet.__dataclass_fields__})
+                if f"{name}.ids" in saved else None for name in ("subject", "class")]
+
+
+def read_rows(path, up_to_step):
+    """The rows of an earlier diagnostics.csv up to a step: (step, subject_fit, class_drift or None)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = [(int(r["step"]), float(r["subject_fit"]), float(r["class_drift"]) if r["class_drift"] else None)
+                for r in csv.DictReader(f)]
+    return [r for r in rows if r[0] <= up_to_step]
+
+
+def write_rows(path, rows, mode="w"):
+    with open(path, mode, newline="") as f:
+        out = csv.writer(f)
+        if mode == "w":
+            out.writerow(["step", "subject_fit", "class_drift"])
+        for step, fit, drift in rows:
+            out.writerow([step, f"{fit:.8g}", "" if drift is None else f"{drift:.8g}"])
+
+
+def plot(path, runs):
+    """runs: {label: rows}. Subject fit and class drift against step, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    fit_ax, drift_ax = fig.subplots(1, 2)
+    for label, rows in runs.items():
+        fit_ax.plot([r[0] for r in rows], [r[1] for r in rows], marker=".", label=label)
+        measured = [(r[0], r[2]) for r in rows if r[2] is not None]
+        if measured:
+            drift_ax.plot(*zip(*measured), marker=".", label=label)
+    fit_ax.set(title="subject fit (denoising MSE on the instance probes)", xlabel="update", ylabel="MSE")
+    drift_ax.set(title="class drift (MSE from the base model's predictions)", xlabel="update", ylabel="MSE")
+    for ax in (fit_ax, drift_ax):
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+class Diagnostics:
+    """Rank 0's measurements: scalars to the writer, rows to diagnostics.csv, the plot at the end."""
+
+    def __init__(self, subject, klass, unet, text_encoder, autocast, writer, output_dir, rows):
+        self.subject, self.klass = subject, klass
+        self.unet, self.text_encoder, self.autocast, self.writer = unet, text_encoder, autocast, writer
+        self.output_dir, self.rows, self.seconds = output_dir, rows, 0.0
+
+    def measure(self, step):
+        started = time.perf_counter()
+        with measuring(self.text_encoder, self.unet):
+            fit = mean_squared_difference(predict(self.unet, self.text_encoder, self.subject, self.autocast),
+                                          self.subject.reference)
+            drift = None if self.klass is None else mean_squared_difference(
+                predict(self.unet, self.text_encoder, self.klass, self.autocast), self.klass.reference)
+        self.seconds += time.perf_counter() - started
+        self.writer.add_scalar("diag/subject_fit", fit, step)
+        if drift is not None:
+            self.writer.add_scalar("diag/class_drift", drift, step)
+        self.rows.append((step, fit, drift))
+        write_rows(os.path.join(self.output_dir, CSV_FILE), [self.rows[-1]], mode="a")
+
+    def finish(self, step):
+        """The last measurement (unless this update had one) and the plot."""
+        if not self.rows or self.rows[-1][0] != step:
+            self.measure(step)
+        plot(os.path.join(self.output_dir, PLOT_FILE), {"": self.rows})
+        first, last = self.rows[0], self.rows[-1]
+        logger.info("Diagnostics: subject fit %.4g -> %.4g, class drift %s at update %d; measuring took %.1f s "
+                    "(%s)", first[1], last[1], "-" if last[2] is None else f"{last[2]:.4g}", step, self.seconds,
+                    os.path.join(self.output_dir, PLOT_FILE))
+
+
+def start(args, concepts, instances, models, autocast, writer, step):
+    """Rank 0's Diagnostics before the first update of this run (update `step`). A fresh run builds
+    and saves the probe sets and measures the base model; a resumed run reuses the saved ones."""
+    from ppdiffusers.training_utils import unwrap_model
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = models
+    text_encoder, unet = unwrap_model(text_encoder), unwrap_model(unet)
+    probe_file, csv_file = os.path.join(args.output_dir, PROBE_FILE), os.path.join(args.output_dir, CSV_FILE)
+    if step and os.path.isfile(probe_file):
+        subject, klass = load_probes(probe_file)
+        rows = read_rows(csv_file, step)
+        write_rows(csv_file, rows)  # forget what an interrupted run measured after its checkpoint
+        return Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, rows)
+    if step:
+        logger.warning("Diagnostics: no %s from the start of this run, so class drift is measured from update %d",
+                       probe_file, step)
+    subject, klass = build_probes(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
+                                  autocast)
+    save_probes(probe_file, {"subject": subject, "class": klass})
+    write_rows(csv_file, [])
+    diagnostics = Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, [])
+    diagnostics.measure(step)
+    return diagnostics
