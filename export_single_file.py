@@ -1,11 +1,16 @@
-"""Export a ppdiffusers Stable Diffusion 1.x pipeline folder as ONE .safetensors file.
+"""Export a DreamBooth result as ONE .safetensors file for Stable Diffusion WebUI / ComfyUI.
 
-    python export_single_file.py PIPELINE_DIR [--out FILE] [--half]
+    python export_single_file.py OUTPUT_DIR [--out FILE] [--half]
 
-The file uses the key layout of the original CompVis checkpoints (`model.diffusion_model.*`,
-`first_stage_model.*`, `cond_stage_model.transformer.*`) and PyTorch weight orientation, so
-Stable Diffusion WebUI, ComfyUI and `StableDiffusionPipeline.from_single_file` can load it.
-Default output: PIPELINE_DIR/<name of PIPELINE_DIR>.safetensors.
+OUTPUT_DIR is either
+- a ppdiffusers Stable Diffusion 1.x pipeline folder (full fine-tuning): the file is a complete
+  checkpoint in the key layout of the original CompVis checkpoints (`model.diffusion_model.*`,
+  `first_stage_model.*`, `cond_stage_model.transformer.*`), loadable as a checkpoint by WebUI,
+  ComfyUI and `StableDiffusionPipeline.from_single_file`; or
+- a LoRA output folder of train_dreambooth.py --use_lora (paddle_lora_weights.safetensors, no
+  model_index.json): the file is the LoRA in the kohya layout that WebUI, ComfyUI and
+  `load_lora_weights` read (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`).
+Both use PyTorch weight orientation. Default output: OUTPUT_DIR/<name of OUTPUT_DIR>.safetensors.
 """
 import argparse
 import os
@@ -134,7 +139,10 @@ def to_original_layout(unet_state, vae_state, text_state):
         out[TEXT_PREFIX + k] = np.asarray(v)
     # Not a parameter in ppdiffusers (a non-persistent buffer), but the original checkpoints
     # carry it and some loaders look it up.
-    n_pos = np.asarray(text_state["text_model.embeddings.position_embedding.weight"]).shape[0]
+    positions = "text_model.embeddings.position_embedding.weight"
+    if positions not in text_state:
+        raise ValueError(f"text_encoder: not a CLIP text model (no {positions}); the SD 1.x layout needs one")
+    n_pos = np.asarray(text_state[positions]).shape[0]
     out[TEXT_PREFIX + "text_model.embeddings.position_ids"] = np.arange(n_pos, dtype=np.int64)[None]
     if len(out) != len(unet_state) + len(vae_state) + len(text_state) + 1:
         raise ValueError("two parameters were mapped to the same original key")
@@ -166,18 +174,9 @@ def is_pipeline_folder(folder):
     return all(os.path.isfile(os.path.join(folder, sub, "config.json")) for sub in ("unet", "vae", "text_encoder"))
 
 
-def export_models(unet, vae, text_encoder, out_path, half=False):
-    """Write in-memory ppdiffusers models to `out_path` in the original single-file layout.
-
-    Returns {"path", "tensors", "unet", "vae", "text_encoder", "dtype", "bytes"}.
-    """
+def _write(tensors, out_path):
+    """Save {name: np.ndarray} to out_path; a crash leaves no half-written file under that name."""
     from safetensors.numpy import save_file
-
-    states = [pytorch_state_dict(m) for m in (unet, vae, text_encoder)]
-    dtype = np.float16 if half else np.float32
-    tensors = {k: (v.astype(dtype, copy=False) if np.issubdtype(v.dtype, np.floating) else v)
-               for k, v in to_original_layout(*states).items()}
-    del states
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
@@ -189,6 +188,19 @@ def export_models(unet, vae, text_encoder, out_path, half=False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def export_models(unet, vae, text_encoder, out_path, half=False):
+    """Write in-memory ppdiffusers models to `out_path` in the original single-file layout.
+
+    Returns {"path", "tensors", "unet", "vae", "text_encoder", "dtype", "bytes"}.
+    """
+    states = [pytorch_state_dict(m) for m in (unet, vae, text_encoder)]
+    dtype = np.float16 if half else np.float32
+    tensors = {k: (v.astype(dtype, copy=False) if np.issubdtype(v.dtype, np.floating) else v)
+               for k, v in to_original_layout(*states).items()}
+    del states
+    _write(tensors, out_path)
     counts = {name: sum(k.startswith(prefix) for k in tensors)
               for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX))}
     return dict(path=out_path, tensors=len(tensors), dtype=np.dtype(dtype).name,
@@ -211,6 +223,91 @@ def export_pipeline(folder, out_path, half=False):
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# LoRA: ppdiffusers layout -> the kohya layout that WebUI, ComfyUI and load_lora_weights read.
+#
+# ppdiffusers: `unet.<module>.lora.down.weight` [in, rank] and `.lora.up.weight` [rank, out]
+# (Paddle Linear weights are [in, out]); the layer adds up(down(x)) * network_alpha / rank.
+# kohya: `lora_unet_<module with "_" for ".">.lora_down.weight` [rank, in], `.lora_up.weight`
+# [out, rank] (PyTorch Linear orientation) and a scalar `.alpha`; loaders add
+# up @ down @ x * alpha / rank, rank being lora_down's first dimension.
+#
+# train_dreambooth.py folds its --lora_alpha / --lora_rank scale into the up weights (ppdiffusers'
+# loader reads no alpha from its own files), so the export writes alpha = rank: scale 1, and the
+# LoRA acts exactly as it does in ppdiffusers. WebUI's and ComfyUI's strength slider multiplies on top.
+
+LORA_WEIGHTS = "paddle_lora_weights.safetensors"  # what StableDiffusionPipeline.save_lora_weights writes
+LORA_PREFIX = "lora_unet_"
+
+
+def is_lora_folder(folder):
+    """A train_dreambooth.py --use_lora output folder: LoRA weights, and no pipeline."""
+    return (os.path.isfile(os.path.join(folder, LORA_WEIGHTS))
+            and not os.path.isfile(os.path.join(folder, "model_index.json")))
+
+
+def to_webui_lora(state, paddle_orientation=True):
+    """{ppdiffusers LoRA key: array} -> {kohya key: np.ndarray}, with alpha = rank per module.
+
+    `paddle_orientation`: the arrays are Paddle-oriented (a file saved with metadata format "pd",
+    as the trainer writes); False for files already in PyTorch orientation (format "pt").
+    Raises ValueError for anything but 2-D UNet LoRA pairs (text-encoder and conv LoRA have no
+    mapping here).
+    """
+    pairs = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"unet\.(.+)\.lora\.(down|up)\.weight", key)
+        if not m:
+            raise ValueError(f"{key}: not a UNet LoRA weight (expected unet.<module>.lora.down/up.weight)")
+        value = np.asarray(value)
+        if value.ndim != 2:
+            raise ValueError(f"{key}: {value.ndim}-D LoRA weights (e.g. of convolutions) are not supported")
+        value = value.astype(np.float32) if value.dtype != np.float32 else value
+        pairs.setdefault(m[1], {})[m[2]] = np.ascontiguousarray(value.T) if paddle_orientation else value
+
+    out = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"down", "up"}:
+            raise ValueError(f"{module}: LoRA {'down' if 'down' not in pair else 'up'} weight missing")
+        down, up = pair["down"], pair["up"]  # now [rank, in] and [out, rank]
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"{module}: LoRA up {list(up.shape)} and down {list(down.shape)} disagree on the rank")
+        name = LORA_PREFIX + module.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = np.array(down.shape[0], dtype=np.float32)
+    if not out:
+        raise ValueError("no LoRA weights found")
+    return out
+
+
+def export_lora(lora_file_or_dir, out_path, half=False):
+    """Write the trainer's LoRA (its paddle_lora_weights.safetensors, or the folder holding it) to
+    `out_path` in the kohya layout; float16 with `half`.
+
+    Returns {"path", "tensors", "modules", "rank", "dtype", "bytes"}.
+    """
+    from safetensors import safe_open
+
+    path = lora_file_or_dir
+    if os.path.isdir(path):
+        path = os.path.join(path, LORA_WEIGHTS)
+    if not os.path.isfile(path):
+        raise ValueError(f"{lora_file_or_dir}: no LoRA weights ({LORA_WEIGHTS})")
+    with safe_open(path, framework="np") as f:
+        # ppdiffusers marks its own (Paddle-oriented) files "pd"; a file without the key is a PyTorch one.
+        fmt = (f.metadata() or {}).get("format", "pt")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = to_webui_lora(state, paddle_orientation=fmt in ("pd", "np"))
+    dtype = np.float16 if half else np.float32
+    tensors = {k: v.astype(dtype, copy=False) for k, v in tensors.items()}
+    _write(tensors, out_path)
+    ranks = sorted({int(v) for k, v in tensors.items() if k.endswith(".alpha")})
+    return dict(path=out_path, tensors=len(tensors), modules=len(tensors) // 3,
+                rank=ranks[0] if len(ranks) == 1 else ranks, dtype=np.dtype(dtype).name,
+                bytes=os.path.getsize(out_path))
+
+
 def default_out_path(folder):
     folder = os.path.normpath(os.path.abspath(folder))
     return os.path.join(folder, os.path.basename(folder) + ".safetensors")
@@ -218,21 +315,28 @@ def default_out_path(folder):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pipeline_dir")
-    parser.add_argument("--out", default=None, help="output file (default: PIPELINE_DIR/<dir name>.safetensors)")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR",
+                        help="a pipeline folder, or a --use_lora output folder (paddle_lora_weights.safetensors)")
+    parser.add_argument("--out", default=None, help="output file (default: OUTPUT_DIR/<dir name>.safetensors)")
     parser.add_argument("--half", action="store_true", help="store float16 instead of float32")
     args = parser.parse_args(argv)
-    if not is_pipeline_folder(args.pipeline_dir):
-        print(f"error: {args.pipeline_dir} is not a Stable Diffusion pipeline folder "
-              "(expected unet/, vae/ and text_encoder/ with config.json)", file=sys.stderr)
+    folder = args.output_dir
+    if is_pipeline_folder(folder):
+        export, what = export_pipeline, "checkpoint"
+    elif is_lora_folder(folder):
+        export, what = export_lora, "LoRA"
+    else:
+        print(f"error: {folder} is not a Stable Diffusion pipeline folder (expected unet/, vae/ and "
+              f"text_encoder/ with config.json) nor a LoRA output folder (expected {LORA_WEIGHTS})", file=sys.stderr)
         return 1
-    out = args.out or default_out_path(args.pipeline_dir)
+    out = args.out or default_out_path(folder)
     try:
-        summary = export_pipeline(args.pipeline_dir, out, half=args.half)
+        summary = export(folder, out, half=args.half)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {summary['tensors']} tensors ({summary['dtype']}, {summary['bytes'] / 2**20:.1f} MiB) to {out}")
+    print(f"wrote {what}: {summary['tensors']} tensors ({summary['dtype']}, {summary['bytes'] / 2**20:.1f} MiB) "
+          f"to {out}")
     return 0
 
 

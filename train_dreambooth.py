@@ -459,7 +459,8 @@ def lora_state_for_loading(unet, args):
     from ppdiffusers.training_utils import unet_lora_state_dict
 
     scale = args.lora_alpha / args.lora_rank
-    return {k: v * scale if ".up." in k else v for k, v in unet_lora_state_dict(unet).items()}
+    # save_lora_weights adds the "unet." prefix that unet_lora_state_dict already carries
+    return {k.removeprefix("unet."): v * scale if ".up." in k else v for k, v in unet_lora_state_dict(unet).items()}
 
 
 def tokenize(tokenizer, prompt):
