@@ -5,8 +5,9 @@ Two small probe sets are fixed before the first update, on rank 0, from --seed:
 - subject probes: the instance images, each with a fixed posterior sample, noise and timestep, and
   its instance prompt. subject_fit is the denoising MSE on them: the training loss without the
   training noise. It falls as the model learns the subject.
-- class probes: latents the base model itself samples for the class prompt, with fixed noise and
-  timesteps, and the base model's noise predictions on them. class_drift is the mean squared
+- class probes: latents the base model itself samples for the class prompt (unguided, as the
+  prediction measured is the conditional one), with fixed noise and timesteps, and the base
+  model's noise predictions on them. class_drift is the mean squared
   difference between the current predictions and those: how far the class word has moved.
 
 The base predictions are computed once, so no copy of the base UNet is kept. Both sets are saved
@@ -26,9 +27,10 @@ import paddle
 
 logger = logging.getLogger("dreambooth")
 
-# Sized so that measuring every 100 updates costs under 5% of training (see bench/EFFICACY.md).
-PROBES_PER_SET = 8
-CLASS_LATENTS = 4  # base-model samples the class probes are drawn from, 2 timesteps each
+# Sized so that measuring every 100 updates, probe sets included, costs under 5% of training
+# (bench/EFFICACY.md).
+PROBES_PER_SET = 6
+CLASS_LATENTS = 3  # base-model samples the class probes are drawn from, 2 timesteps each
 CLASS_SAMPLING_STEPS = 10  # at most; DPM-Solver++ gives a recognisable sample in about 10
 PROBE_BATCH = 4  # UNet batch while measuring: bounds the extra memory on a 512px model
 DIAGNOSTICS_STREAM = 4  # train_dreambooth.py's own random streams are 1-3
@@ -98,7 +100,8 @@ def subject_latents(instances, vae, args, rng):
 
 def sampled_class_latents(class_prompts, models, args, rng, autocast):
     """CLASS_LATENTS latents the base model samples for the class prompts (held out: not the class
-    images it trains on), from starting noise of our own generator."""
+    images it trains on), from starting noise of our own generator. No classifier-free guidance:
+    drift is measured on the conditional prediction, so its probes come from it too."""
     from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
@@ -111,7 +114,8 @@ def sampled_class_latents(class_prompts, models, args, rng, autocast):
     start = paddle.to_tensor(rng.standard_normal((CLASS_LATENTS, *shape), dtype=np.float32))
     with autocast():
         latents = pipe(prompts, height=args.height, width=args.width, latents=start, output_type="latent",
-                       num_inference_steps=min(args.class_inference_steps, CLASS_SAMPLING_STEPS)).images
+                       guidance_scale=1.0, num_inference_steps=min(args.class_inference_steps,
+                                                                   CLASS_SAMPLING_STEPS)).images
     return latents.astype("float32").numpy(), prompts
 
 
@@ -224,16 +228,18 @@ class Diagnostics:
     def __init__(self, subject, klass, unet, text_encoder, autocast, writer, output_dir, rows):
         self.subject, self.klass = subject, klass
         self.unet, self.text_encoder, self.autocast, self.writer = unet, text_encoder, autocast, writer
-        self.output_dir, self.rows, self.seconds = output_dir, rows, 0.0
+        self.output_dir, self.rows = output_dir, rows
+        self.seconds = self.cpu_seconds = 0.0  # CPU time: a fair cost on a busy machine
 
     def measure(self, step):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         with measuring(self.text_encoder, self.unet):
             fit = mean_squared_difference(predict(self.unet, self.text_encoder, self.subject, self.autocast),
                                           self.subject.reference)
             drift = None if self.klass is None else mean_squared_difference(
                 predict(self.unet, self.text_encoder, self.klass, self.autocast), self.klass.reference)
         self.seconds += time.perf_counter() - started
+        self.cpu_seconds += time.process_time() - cpu_started
         self.writer.add_scalar("diag/subject_fit", fit, step)
         if drift is not None:
             self.writer.add_scalar("diag/class_drift", drift, step)
@@ -246,9 +252,9 @@ class Diagnostics:
             self.measure(step)
         plot(os.path.join(self.output_dir, PLOT_FILE), {"": self.rows})
         first, last = self.rows[0], self.rows[-1]
-        logger.info("Diagnostics: subject fit %.4g -> %.4g, class drift %s at update %d; measuring took %.1f s "
-                    "(%s)", first[1], last[1], "-" if last[2] is None else f"{last[2]:.4g}", step, self.seconds,
-                    os.path.join(self.output_dir, PLOT_FILE))
+        logger.info("Diagnostics: subject fit %.4g -> %.4g, class drift %s at update %d; they took %.1f s (%.1f CPU "
+                    "s) in all (%s)", first[1], last[1], "-" if last[2] is None else f"{last[2]:.4g}", step,
+                    self.seconds, self.cpu_seconds, os.path.join(self.output_dir, PLOT_FILE))
 
 
 def start(args, concepts, instances, models, autocast, writer, step):
@@ -267,10 +273,13 @@ def start(args, concepts, instances, models, autocast, writer, step):
     if step:
         logger.warning("Diagnostics: no %s from the start of this run, so class drift is measured from update %d",
                        probe_file, step)
+    started, cpu_started = time.perf_counter(), time.process_time()
     subject, klass = build_probes(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
                                   autocast)
     save_probes(probe_file, {"subject": subject, "class": klass})
     write_rows(csv_file, [])
     diagnostics = Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, [])
     diagnostics.measure(step)
+    # the probe sets' cost counts too
+    diagnostics.seconds, diagnostics.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return diagnostics

@@ -170,6 +170,9 @@ def parse_args(argv=None):
     g.add_argument("--writer_type", "--report_to", dest="writer_type", default="visualdl",
                    choices=["visualdl", "tensorboard"], help="Where scalars are logged.")
     g.add_argument("--logging_steps", type=int, default=1, help="Log scalars every this many updates.")
+    g.add_argument("--print_memory_estimate", action="store_true",
+                   help="Log an estimate of the GPU memory this run needs (weights, gradients, AdamW states, "
+                        "rough UNet activations) for the loaded model; see docs/memory.md.")
     g.add_argument("--diagnostics_steps", type=int, default=100,
                    help="Every this many updates, measure subject fit and class drift on fixed probes "
                         "(output_dir/diagnostics.csv and .png; see docs/diagnostics.md). 0: off.")
@@ -559,7 +562,7 @@ def generate_class_images(concept, args, world_size, rank, pipe=None):
     mine = indices[rank::world_size]
     logger.info("Generating %d class images for %r in %s (%s, %d steps)", missing, prompt, folder,
                 args.class_sampler, args.class_inference_steps)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     with tqdm(total=len(mine), desc="class images", disable=rank != 0) as bar:
         for start in range(0, len(mine), args.sample_batch_size):
             batch = mine[start:start + args.sample_batch_size]
@@ -572,7 +575,9 @@ def generate_class_images(concept, args, world_size, rank, pipe=None):
                 image.save(path + ".tmp", format="PNG")  # not *.png until complete
                 os.replace(path + ".tmp", path)
             bar.update(len(batch))
-    logger.info("Class images: %.2f images/s on rank %d", len(mine) / (time.time() - started), rank)
+    seconds, cpu_seconds = time.time() - started, time.process_time() - cpu_started
+    logger.info("Class images: %.4f images/s on rank %d (%d in %.1f s, %.1f CPU s)", len(mine) / seconds, rank,
+                len(mine), seconds, cpu_seconds)
     return pipe
 
 
@@ -1004,6 +1009,13 @@ def main(args):
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
+    if args.print_memory_estimate and rank == 0:
+        import memory_estimate
+
+        trained_unet, trained_text = (sum(int(p.numel()) for p in m.parameters() if not p.stop_gradient)
+                                      for m in (unet, text_encoder))
+        memory_estimate.log_estimate(logger.info, *memory_estimate.estimate(
+            unet, text_encoder, vae, trained_unet, trained_text, args, latent_shape[1:], tokenizer.model_max_length))
 
     # --- What never changes is computed once: prompt embeddings of a frozen text encoder, and the
     # VAE posterior (mean, std) of each image when no random crop would be lost by caching.
@@ -1145,7 +1157,7 @@ def main(args):
             # and its loss is averaged over the micro-batches it really has.
             for group_start in range(first_batch, batches_per_epoch, args.gradient_accumulation_steps):
                 group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
-                group_loss, update_started = 0.0, time.perf_counter()
+                group_loss, update_started, update_cpu = 0.0, time.perf_counter(), time.process_time()
                 for batch_index in group:
                     noisy, timesteps, states, target = model_inputs(next(batches))
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
@@ -1173,6 +1185,7 @@ def main(args):
                 lr_scheduler.step()
                 optimizer.clear_grad(set_to_zero=False)
                 update_seconds.append(time.perf_counter() - update_started)
+                update_cpu = time.process_time() - update_cpu  # CPU time: robust on a busy machine
                 global_step += 1
                 position = dict(global_step=global_step, epoch=epoch, batch=group[-1] + 1)
                 if position["batch"] == batches_per_epoch:
@@ -1184,6 +1197,7 @@ def main(args):
                         writer.add_scalar("train/loss", group_loss, global_step)
                         writer.add_scalar("train/lr", lr, global_step)
                         writer.add_scalar("train/update_seconds", update_seconds[-1], global_step)
+                        writer.add_scalar("train/update_cpu_seconds", update_cpu, global_step)
                     if diag and global_step % args.diagnostics_steps == 0:
                         diag.measure(global_step)
                 if signalled or global_step % args.save_steps == 0:

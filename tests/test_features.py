@@ -139,7 +139,7 @@ def test_with_caching_neither_vae_nor_text_encoder_runs_in_training_steps(tiny_m
         encodes = count_calls(monkeypatch, AutoencoderKL, "encode")
         texts = count_calls(monkeypatch, CLIPTextModel, "forward")
         run_train(*train_args(tiny_model, instance_dir, tmp_path / f"s{steps}", "--max_train_steps", steps,
-                              "--center_crop", "--cache_latents"))
+                              "--center_crop", "--cache_latents", "--diagnostics_steps", 0))
         counts[steps] = (len(encodes), len(texts))
         monkeypatch.undo()
     assert counts[2] == counts[6] == (4, 1), counts  # 4 images encoded once, 1 prompt embedded once

@@ -1,0 +1,366 @@
+"""How far is the trainer from the floor? Seconds per optimizer update, peak RSS and wall time.
+
+    python bench/benchmark.py                 # full: "small" model, 128x128, ~10 min on 2 cores
+    python bench/benchmark.py --quick         # tiny model, 3 updates, plain + floor (run by the tests)
+
+Builds the benchmark's "small" SD-shaped model with tiny_sd.py (35 M UNet parameters), then runs
+train_dreambooth.py as a user runs it (a subprocess, batch 1, OMP_NUM_THREADS fixed, default 1)
+for several variants, and in the same run the FLOOR: the same UNet forward + backward + AdamW
+update on tensors of the same shapes and nothing else, in a subprocess with the same threads.
+
+Per variant: the median of the trainer's own `train/update_seconds` scalar over the updates
+after --warmup, the median period between consecutive updates (VisualDL timestamps: everything
+the loop does, logging included), the peak RSS of the whole process tree (psutil polling) and
+the end-to-end wall time of the command (start-up, caching and saving included).
+Also measures class-image generation (images/s): the trainer's default sampler against 50 PNDM
+steps at equal batch size. Writes the table into bench/RESULTS.md between its markers
+(--results; --quick writes none unless asked).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SUBJECT_DIR = os.path.join(ROOT, "examples", "sks_toy")
+PROMPT, CLASS_PROMPT = "a photo of sks toy", "a photo of toy"
+BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+# name -> (extra trainer flags, floor batch it compares to, processes)
+VARIANTS = {
+    "plain": ([], 1, 1),
+    "prior preservation": (["--with_prior_preservation"], 2, 1),
+    "gradient checkpointing": (["--gradient_checkpointing"], 1, 1),
+    "text encoder trained": (["--train_text_encoder"], 1, 1),
+    "2 processes": ([], 1, 2),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The floor: UNet forward + backward + AdamW, nothing else (run as `benchmark.py --floor ...`)
+
+
+def floor(model, batch, height, width, steps, warmup):
+    import numpy as np
+    import paddle
+    from ppdiffusers import UNet2DConditionModel
+    from ppdiffusers.transformers import PretrainedConfig
+
+    paddle.seed(0)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.train()
+    text, _ = PretrainedConfig.get_config_dict(model, subfolder="text_encoder")
+    vae, _ = PretrainedConfig.get_config_dict(model, subfolder="vae")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    latent = (batch, vae.get("latent_channels", 4), height // factor, width // factor)
+    rng = np.random.default_rng(0)
+    x, target = (paddle.to_tensor(rng.standard_normal(latent, dtype=np.float32)) for _ in range(2))
+    t = paddle.to_tensor(rng.integers(0, 1000, batch), dtype="int64")
+    states = paddle.to_tensor(rng.standard_normal((batch, text["max_position_embeddings"], text["hidden_size"]),
+                                                  dtype=np.float32))
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=unet.parameters(), weight_decay=0.02)
+    seconds, cpu = [], []
+    for _ in range(warmup + steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss = ((unet(x, t, states).sample - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        float(loss)  # the update is finished when its loss is known
+        seconds.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    print(json.dumps(dict(batch=batch, median=statistics.median(seconds[warmup:]),
+                          cpu_median=statistics.median(cpu[warmup:]), seconds=seconds)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and measuring a command
+
+
+def child_env(threads):
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+                PYTHONUNBUFFERED="1")
+
+
+def run(cmd, env, log_path, cwd=ROOT):
+    """(exit code, wall seconds, peak RSS of the process tree in bytes); output goes to log_path."""
+    import psutil
+
+    started, peak = time.perf_counter(), 0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        parent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            total = 0
+            try:
+                for p in [parent] + parent.children(recursive=True):
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            peak = max(peak, total)
+            time.sleep(0.05)
+    return proc.returncode, time.perf_counter() - started, peak
+
+
+def scalar_records(logdir, tag):
+    """{step: (value, timestamp ms)} of a VisualDL scalar."""
+    from visualdl import LogReader
+
+    found = {}
+    for name in sorted(os.listdir(logdir)) if os.path.isdir(logdir) else []:
+        reader = LogReader(file_path=os.path.join(logdir, name))
+        if tag in reader.get_tags().get("scalar", []):
+            found.update({r.id: (r.value, r.timestamp) for r in reader.get_data("scalar", tag)})
+    return found
+
+
+def step_times(logdir, tag, warmup, with_values=True):
+    """(median logged value, median period between consecutive steps) over the steps after warmup."""
+    records = scalar_records(logdir, tag)
+    after = sorted(s for s in records if s > warmup)
+    values = statistics.median(records[s][0] for s in after) if with_values and after else None
+    periods = [(records[s][1] - records[s - 1][1]) / 1000 for s in after if s - 1 in records]
+    return values, (statistics.median(periods) if periods else None)
+
+
+def fail(what, log_path):
+    with open(log_path) as f:
+        tail = f.read()[-3000:]
+    sys.exit(f"benchmark: {what} failed; the end of {log_path}:\n{tail}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def trainer_flags(model, out, resolution, steps, help_text):
+    flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt", PROMPT,
+             "--output_dir", out, "--overwrite_output_dir", "--resolution", resolution, "--center_crop",
+             "--train_batch_size", 1, "--learning_rate", 1e-4, "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
+             "--max_train_steps", steps, "--seed", 0, "--save_steps", 10**9, "--logging_steps", 1]
+    if "--diagnostics_steps" in help_text:  # measurements of the subject, not training: off
+        flags += ["--diagnostics_steps", 0]
+    return [str(f) for f in flags]
+
+
+def class_flags(class_dir, num):
+    return ["--class_prompt", CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", str(num)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="Tiny model, 64x64, 3 updates, plain + floor only.")
+    p.add_argument("--steps", type=int, default=30, help="Measured updates per variant (after --warmup).")
+    p.add_argument("--warmup", type=int, default=3, help="Updates not measured.")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run.")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--class_images", type=int, default=8, help="Class images generated per sampler.")
+    p.add_argument("--work", default=os.path.join(HERE, "out", "benchmark"), help="Scratch folder.")
+    p.add_argument("--results", default=None, help="Markdown file to write the table into (default: "
+                   "bench/RESULTS.md; none with --quick).")
+    p.add_argument("--compare_script", default=None,
+                   help="Another DreamBooth train script to time with the same flags (e.g. PaddleMIX's "
+                        "ppdiffusers/examples/dreambooth/train_dreambooth.py; run with --noise_offset 0).")
+    p.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--resolution", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.floor:
+        return floor(args.model, args.batch, args.resolution, args.resolution, args.steps, args.warmup)
+    if args.quick:
+        args.steps, args.warmup, args.variants, size, resolution = 2, 1, "plain", "tiny", 64
+    else:
+        size, resolution = "small", 128
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"benchmark: unknown variants {unknown}; choose from {list(VARIANTS)}")
+    results = args.results or (None if args.quick else os.path.join(HERE, "RESULTS.md"))
+    work = os.path.abspath(args.work + ("-quick" if args.quick else ""))
+    os.makedirs(work, exist_ok=True)
+    env, py = child_env(args.threads), sys.executable
+    total = args.warmup + args.steps
+    load_before = os.getloadavg()
+    commands = []
+
+    model = os.path.join(work, f"{size}-sd")
+    if not os.path.isfile(os.path.join(model, "model_index.json")):
+        cmd = [py, "tiny_sd.py", model, "--size", size]
+        if subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True).returncode:
+            sys.exit(f"benchmark: {' '.join(cmd)} failed")
+    commands.append(f"python tiny_sd.py MODEL --size {size}")
+    help_text = subprocess.run([py, "train_dreambooth.py", "--help"], cwd=ROOT, env=env, capture_output=True,
+                               text=True).stdout
+
+    def floor_of(batch):
+        log = os.path.join(work, f"floor-b{batch}.log")
+        cmd = [py, os.path.join(HERE, "benchmark.py"), "--floor", "--model", model, "--batch", str(batch),
+               "--resolution", str(resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        rc, wall, rss = run(cmd, env, log)
+        if rc:
+            fail(f"the floor (batch {batch})", log)
+        with open(log) as f:
+            line = [ln for ln in f if ln.startswith("{")][-1]
+        commands.append(f"python bench/benchmark.py --floor --model MODEL --batch {batch} --resolution {resolution} "
+                        f"--steps {args.steps} --warmup {args.warmup}")
+        found = json.loads(line)
+        return dict(median=found["median"], cpu=found["cpu_median"], rss=rss, wall=wall)
+
+    rows, floors = [], {}
+    class_dir = os.path.join(work, "class_images")
+    gen_rows = []
+    if "prior preservation" in variants:
+        # Class images once, by the trainer's own generation (default sampler), also timing it.
+        for sampler, sampler_steps in (("dpm_solver", 25), ("model", 50)):
+            folder = class_dir if sampler == "dpm_solver" else os.path.join(work, "class_images_pndm")
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                os.remove(os.path.join(folder, name))
+            out = os.path.join(work, f"gen-{sampler}")
+            flags = trainer_flags(model, out, resolution, 1, help_text) + ["--with_prior_preservation"] + \
+                class_flags(folder, args.class_images) + ["--class_sampler", sampler, "--class_inference_steps",
+                                                          str(sampler_steps), "--sample_batch_size", "4"]
+            log = os.path.join(work, f"gen-{sampler}.log")
+            rc, wall, rss = run([py, "train_dreambooth.py"] + flags, env, log)
+            if rc:
+                fail(f"class-image generation ({sampler})", log)
+            with open(log) as f:
+                rate, n, cpu = re.findall(r"Class images: ([0-9.]+) images/s .*\((\d+) in [0-9.]+ s, ([0-9.]+) CPU s",
+                                          f.read())[-1]
+            gen_rows.append((f"{sampler} {sampler_steps} steps, batch 4", float(rate), int(n) / float(cpu)))
+            commands.append(f"python train_dreambooth.py ... --with_prior_preservation --num_class_images "
+                            f"{args.class_images} --sample_batch_size 4 --class_sampler {sampler} "
+                            f"--class_inference_steps {sampler_steps}")
+
+    for batch in sorted({VARIANTS[v][1] for v in variants}):
+        floors[batch] = floor_of(batch)
+    for name in variants:
+        extra, batch, procs = VARIANTS[name]
+        out = os.path.join(work, "run-" + name.replace(" ", "_"))
+        flags = trainer_flags(model, out, resolution, total, help_text) + extra
+        if "--with_prior_preservation" in extra:
+            flags += class_flags(class_dir, args.class_images)
+        launch = [py, "-m", "paddle.distributed.launch", "--nproc_per_node", str(procs), "--log_dir",
+                  os.path.join(work, "launch-logs")] if procs > 1 else [py]
+        log = os.path.join(work, f"run-{name.replace(' ', '_')}.log")
+        rc, wall, rss = run(launch + ["train_dreambooth.py"] + flags, env, log)
+        if rc:
+            fail(f"the trainer ({name})", log)
+        update, period = step_times(os.path.join(out, "logs"), "train/update_seconds", args.warmup)
+        cpu, _ = step_times(os.path.join(out, "logs"), "train/update_cpu_seconds", args.warmup)
+        rows.append(dict(name=name, update=update, period=period, cpu=cpu, rss=rss, wall=wall, floor_batch=batch))
+        shown = " ".join(f'"{f}"' if " " in f else f for f in extra)
+        commands.append(("python -m paddle.distributed.launch --nproc_per_node 2 " if procs > 1 else "python ") +
+                        f"train_dreambooth.py [common flags] {shown}".rstrip())
+    if args.compare_script:
+        out = os.path.join(work, "run-compare")
+        flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt",
+                 PROMPT, "--output_dir", out, "--resolution", str(resolution), "--center_crop", "--train_batch_size",
+                 "1", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                 "--max_train_steps", str(total), "--seed", "0", "--checkpointing_steps", str(10**9),
+                 "--noise_offset", "0", "--max_grad_norm", "0", "--report_to", "visualdl"]
+        log = os.path.join(work, "run-compare.log")
+        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
+        if rc:
+            fail("--compare_script", log)
+        _, period = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
+        rows.append(dict(name="--compare_script", update=None, period=period, cpu=None, rss=rss, wall=wall,
+                         floor_batch=1))
+        commands.append(f"python {args.compare_script} [same flags] --noise_offset 0 --max_grad_norm 0")
+
+    table = render(rows, floors, gen_rows, args, resolution)
+    print(table)
+    if results:
+        write_results(results, table, commands, args, size, resolution, load_before, os.getloadavg())
+        print(f"written to {results}")
+
+
+def fmt(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def render(rows, floors, gen_rows, args, resolution):
+    mib = 2**20
+    lines = [f"Seconds per optimizer update: median over {args.steps} updates after {args.warmup} warm-up updates; "
+             f"{resolution}x{resolution}, batch 1 per process, OMP_NUM_THREADS={args.threads}. update: the trainer's "
+             "`train/update_seconds`; period: between consecutive updates (all of the loop); CPU: process CPU "
+             "seconds per update (`train/update_cpu_seconds`, robust to other load on the machine). Ratios divide by "
+             "the floor of the batch in brackets.", "",
+             "| variant | update s | period s | CPU s | floor s / CPU s (batch) | update / floor | period / floor | "
+             "CPU / floor CPU | peak RSS MiB | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for b, f in sorted(floors.items()):
+        lines.append(f"| floor, batch {b} | {f['median']:.3f} | | {f['cpu']:.3f} | {f['median']:.3f} / {f['cpu']:.3f} "
+                     f"({b}) | 1.00 | | 1.00 | {f['rss'] / mib:.0f} | {f['wall']:.1f} |")
+    for r in rows:
+        f = floors.get(r["floor_batch"]) or floors.get(1)
+
+        def ratio(x, key="median"):
+            return "n/a" if x is None or not f else f"{x / f[key]:.2f}"
+
+        floor_cell = f"{f['median']:.3f} / {f['cpu']:.3f} ({r['floor_batch']})" if f else "n/a"
+        lines.append(f"| {r['name']} | {fmt(r['update'])} | {fmt(r['period'])} | {fmt(r['cpu'])} | {floor_cell} | "
+                     f"{ratio(r['update'])} | {ratio(r['period'])} | {ratio(r['cpu'], 'cpu')} | {r['rss'] / mib:.0f} | "
+                     f"{r['wall']:.1f} |")
+    if gen_rows:
+        lines += ["", "| class-image generation (equal batch) | images/s (wall) | images per CPU second |", "|---|---|---|"]
+        lines += [f"| {name} | {rate:.4f} | {per_cpu:.4f} |" for name, rate, per_cpu in gen_rows]
+    return "\n".join(lines)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return names[0] if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("paddlepaddle", "ppdiffusers", "paddlenlp", "numpy", "visualdl"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def write_results(path, table, commands, args, size, resolution, load_before, load_after):
+    block = "\n".join([
+        BEGIN,
+        f"Generated by `python bench/benchmark.py{' --quick' if args.quick else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}.", "",
+        f"- Machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after the run",
+        f"- Versions: {versions()}",
+        f"- Model: tiny_sd.py --size {size}, {resolution}x{resolution}, OMP_NUM_THREADS={args.threads}",
+        "- Common trainer flags: --instance_data_dir examples/sks_toy --center_crop --train_batch_size 1 "
+        f"--learning_rate 1e-4 --lr_warmup_steps 0 --max_train_steps {args.warmup + args.steps} --seed 0 "
+        "--save_steps 1000000000 --logging_steps 1 --diagnostics_steps 0", "",
+        "Commands:", "", "```", *commands, "```", "", table, END])
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = "# Benchmark results\n\n" + block + "\n" + text
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""A rough estimate of the GPU memory a DreamBooth run needs (train_dreambooth.py --print_memory_estimate).
+
+Exact parts: weights, gradients and AdamW states are counted from the parameters of the models
+actually loaded. Rough part: activations kept for the backward pass are estimated from the UNet's
+config by counting the tensors each ResNet and attention block stores (elements per sample); the
+CUDA context, allocator fragmentation and framework workspaces are not included. Treat the total
+as a lower bound within a factor of about 1.5, not as a measurement (docs/memory.md).
+"""
+GIB = 2**30
+
+
+def unet_activation_elements(config, height, width, tokens, checkpointing=False, efficient_attention=False):
+    """Elements the UNet keeps per sample for its backward pass (a rough count, see docs/memory.md).
+
+    ResNet block at C channels and N latent positions: ~10 C N (norms, SiLUs, convs, residual).
+    Attention block: ~30 C N (norms, projections, GEGLU feed-forward) plus the self-attention scores
+    and probabilities, 2 heads N^2 (none with memory-efficient attention), plus 2 heads N tokens for
+    cross-attention. With gradient checkpointing each block keeps only its input, and the largest
+    block's internals exist once, while it is recomputed."""
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    head_dim = config.get("attention_head_dim", 8)
+    heads = head_dim if isinstance(head_dim, int) else head_dim[0]  # SD 1.x: "attention_head_dim" counts heads
+    down = config.get("down_block_types", ())
+    h, w = height, width  # of the latent grid
+    blocks = []  # (elements kept without checkpointing, elements of the block's input)
+    for i, c in enumerate(channels):
+        n = h * w
+        attention = i < len(down) and "CrossAttn" in down[i]
+        # down: `layers` blocks; up (mirrored, same resolution): layers + 1 blocks with concatenated skips
+        for count, in_scale in ((layers, 1.0), (layers + 1, 1.5)):
+            for _ in range(count):
+                blocks.append((10 * c * n * in_scale, c * n * in_scale))
+                if attention:
+                    scores = 0 if efficient_attention else 2 * heads * n * n
+                    blocks.append((30 * c * n + scores + 2 * heads * n * tokens, c * n))
+        if i < len(channels) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+    n, c = h * w, channels[-1]  # the mid block: 2 ResNets around one attention block
+    blocks += [(10 * c * n, c * n)] * 2 + [(30 * c * n + 2 * heads * n * (n + tokens), c * n)]
+    if not checkpointing:
+        return sum(kept for kept, _ in blocks)
+    return sum(inp for _, inp in blocks) + max(kept for kept, _ in blocks)
+
+
+def estimate(unet, text_encoder, vae, trained_params, text_trained_params, args, latent_hw, tokens):
+    """Rows (label, bytes) and a closing note; `trained_params` counts the UNet's trained parameters
+    (all of them, or the LoRA adapters), `text_trained_params` the text encoder's (0 when frozen)."""
+    count = lambda model: sum(int(p.numel()) for p in model.parameters())  # noqa: E731
+    n_unet, n_text, n_vae = count(unet), count(text_encoder), count(vae)
+    half = args.mixed_precision in ("fp16", "bf16")
+    trained = trained_params + text_trained_params
+    frozen = n_vae + (n_text - text_trained_params)  # cast to half under mixed precision on a GPU
+    unet_base = n_unet - trained_params  # LoRA's frozen UNet stays fp32 in this trainer
+    act_bytes = 2 if half else 4
+    acts = unet_activation_elements(dict(unet.config), latent_hw[0], latent_hw[1], tokens,
+                                    args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention)
+    batch = args.train_batch_size * (2 if args.with_prior_preservation else 1)
+    what = ("UNet LoRA adapters" if args.use_lora else "UNet") + (" + text encoder" if text_trained_params else "")
+    rows = [
+        (f"trained weights, fp32 ({what}: {trained / 1e6:.4g} M parameters)", 4 * trained),
+        (f"frozen weights, {'half' if half else 'fp32'} ({frozen / 1e6:.4g} M: VAE"
+         f"{'' if text_trained_params else ' + text encoder'})", (2 if half else 4) * frozen),
+        (f"frozen UNet base under LoRA, fp32 ({unet_base / 1e6:.4g} M)", 4 * unet_base),
+        ("gradients, fp32", 4 * trained),
+        ("AdamW states, 2 x fp32", 8 * trained),
+        (f"UNet activations, batch {batch}{', checkpointed' if args.gradient_checkpointing else ''} (rough)",
+         act_bytes * batch * acts),
+    ]
+    note = ("estimate: weights, gradients and optimizer states are exact counts; activations are a rough count "
+            "of the UNet's (text-encoder and VAE activations, CUDA context and allocator overhead are excluded)")
+    return [(label, size) for label, size in rows if size or "LoRA" not in label], note
+
+
+def human(size):
+    return f"{size / GIB:8.2f} GiB" if size >= GIB else f"{size / 2**20:8.1f} MiB"
+
+
+def log_estimate(log, rows, note):
+    log("GPU memory estimate (%s):", note)
+    for label, size in rows + [("total (estimate)", sum(size for _, size in rows))]:
+        log("  %-80s %s", label, human(size))
