@@ -40,6 +40,7 @@ python -u train_dreambooth.py \
   --learning_rate=5e-4 --lr_scheduler=constant --lr_warmup_steps=0 \
   --num_class_images="${DEMO_CLASS_IMAGES:-10}" --sample_batch_size=5 \
   --max_train_steps="${DEMO_STEPS:-100}" \
+  --diagnostics_steps=20 \
   --seed=0 --overwrite_output_dir "$@"
 
 python demo_samples.py "$DEMO_DIR/dreambooth-model" \
