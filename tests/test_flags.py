@@ -401,3 +401,9 @@ def test_prior_preservation_generates_num_class_images_in_sample_batches(tiny_mo
     from PIL import Image
 
     assert {Image.open(classes / n).size for n in names} == {(64, 64)}
+    # a second run finds them all and generates none
+    batches.clear()
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "again", "--with_prior_preservation",
+                          "--class_prompt", CLASS_PROMPT, "--class_data_dir", classes, "--num_class_images", 3,
+                          "--sample_batch_size", 2, "--class_inference_steps", 2))
+    assert batches == [] and sorted(os.listdir(classes)) == names

@@ -178,3 +178,31 @@ def test_nan_loss_stops_with_the_step_named(tiny_model, instance_dir, tmp_path, 
     run_train(*train_args(tiny_model, instance_dir, tmp_path / "skip", "--max_train_steps", 4,
                           "--skip_nonfinite_steps"))
     assert os.path.exists(tmp_path / "skip" / "model_index.json")
+
+
+def test_two_processes_killed_with_9_resume_to_the_uninterrupted_weights(tiny_model, instance_dir, tmp_path):
+    """The launcher and both ranks killed after a checkpoint; a 2-process resume ends where an
+    uninterrupted 2-process run ends."""
+    steps = 40
+
+    def launch(out, *extra):
+        argv = train_args(tiny_model, instance_dir, out, "--max_train_steps", steps, "--save_steps", 4, *extra)
+        return subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                                 "--log_dir", str(out) + "-log", "train_dreambooth.py", *argv], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    full = launch(tmp_path / "full")
+    interrupted = tmp_path / "interrupted"
+    proc = launch(interrupted)
+    wait_for(interrupted / "checkpoint-4", proc)
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:  # the launcher and every rank
+        process.kill()
+    proc.wait()
+    assert full.wait(timeout=300) == 0
+    assert not os.path.exists(interrupted / "model_index.json"), "the run finished before it could be killed"
+    resumed = launch(interrupted, "--resume_from_checkpoint", "latest")
+    assert resumed.wait(timeout=300) == 0
+    assert_same_unet(interrupted, tmp_path / "full")
