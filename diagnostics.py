@@ -27,12 +27,10 @@ import paddle
 
 logger = logging.getLogger("dreambooth")
 
-# Sized so that measuring every 100 updates, probe sets included, costs under 5% of training
-# (bench/EFFICACY.md).
-PROBES_PER_SET = 6
-CLASS_LATENTS = 3  # base-model samples the class probes are drawn from, 2 timesteps each
-CLASS_SAMPLING_STEPS = 10  # at most; DPM-Solver++ gives a recognisable sample in about 10
-PROBE_BATCH = 4  # UNet batch while measuring: bounds the extra memory on a 512px model
+# Sized so that measuring every 100 updates, probe sets included, costs under 5% of a 400-update
+# run at batch 1 (bench/EFFICACY.md): a measurement is one forward pass of PROBES_PER_SET per set.
+PROBES_PER_SET = 4
+CLASS_SAMPLING_STEPS = 6  # at most: enough for DPM-Solver++ to leave pure noise behind, cheap to build
 DIAGNOSTICS_STREAM = 4  # train_dreambooth.py's own random streams are 1-3
 PROBE_FILE, CSV_FILE, PLOT_FILE = "diagnostics_probes.npz", "diagnostics.csv", "diagnostics.png"
 
@@ -99,7 +97,7 @@ def subject_latents(instances, vae, args, rng):
 
 
 def sampled_class_latents(class_prompts, models, args, rng, autocast):
-    """CLASS_LATENTS latents the base model samples for the class prompts (held out: not the class
+    """PROBES_PER_SET latents the base model samples for the class prompts (held out: not the class
     images it trains on), from starting noise of our own generator. No classifier-free guidance:
     drift is measured on the conditional prediction, so its probes come from it too."""
     from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -109,9 +107,9 @@ def sampled_class_latents(class_prompts, models, args, rng, autocast):
                                    scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [class_prompts[j % len(class_prompts)] for j in range(CLASS_LATENTS)]
+    prompts = [class_prompts[j % len(class_prompts)] for j in range(PROBES_PER_SET)]
     shape = (unet.config.in_channels, args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-    start = paddle.to_tensor(rng.standard_normal((CLASS_LATENTS, *shape), dtype=np.float32))
+    start = paddle.to_tensor(rng.standard_normal((PROBES_PER_SET, *shape), dtype=np.float32))
     with autocast():
         latents = pipe(prompts, height=args.height, width=args.width, latents=start, output_type="latent",
                        guidance_scale=1.0, num_inference_steps=min(args.class_inference_steps,
@@ -120,10 +118,8 @@ def sampled_class_latents(class_prompts, models, args, rng, autocast):
 
 
 def noised_probes(latents, prompts, tokenizer, noise_scheduler, rng):
-    """Probe j noises latent j % len(latents); the reference is the training target."""
-    latents = latents[np.arange(PROBES_PER_SET) % len(latents)]
-    prompts = [prompts[j % len(prompts)] for j in range(PROBES_PER_SET)]
-    noise, timesteps = probe_noise(rng, PROBES_PER_SET, latents.shape[1:], noise_scheduler.config.num_train_timesteps)
+    """One probe per latent: the latent noised at a fixed timestep; the reference is the training target."""
+    noise, timesteps = probe_noise(rng, len(latents), latents.shape[1:], noise_scheduler.config.num_train_timesteps)
     x0, eps, t = paddle.to_tensor(latents), paddle.to_tensor(noise), paddle.to_tensor(timesteps)
     noisy = noise_scheduler.add_noise(x0, eps, t)
     target = noise_scheduler.get_velocity(x0, eps, t) if noise_scheduler.config.prediction_type == "v_prediction" \
@@ -137,13 +133,9 @@ def predict(unet, text_encoder, probes, autocast):
     """The models' predictions on a probe set (call inside `measuring`)."""
     with autocast():
         states = text_encoder(paddle.to_tensor(probes.ids))[0]
-        out = []
-        for s in range(0, len(probes.noisy), PROBE_BATCH):
-            part = slice(s, s + PROBE_BATCH)
-            pred = unet(paddle.to_tensor(probes.noisy[part]), paddle.to_tensor(probes.timesteps[part]),
-                        paddle.gather(states, paddle.to_tensor(probes.prompt_of[part]))).sample
-            out.append(pred.astype("float32").numpy())
-    return np.concatenate(out)
+        pred = unet(paddle.to_tensor(probes.noisy), paddle.to_tensor(probes.timesteps),
+                    paddle.gather(states, paddle.to_tensor(probes.prompt_of))).sample
+    return pred.astype("float32").numpy()
 
 
 def mean_squared_difference(a, b):
@@ -151,20 +143,21 @@ def mean_squared_difference(a, b):
 
 
 def build_probes(args, concepts, instances, models, autocast):
-    """(subject probes, class probes or None) from the models as they are now: the base model."""
+    """(subject probes, class probes or None, subject fit) of the models as they are now: the base."""
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
     rng = np.random.default_rng([args.seed, DIAGNOSTICS_STREAM])
     with measuring(text_encoder, unet):
         latents, prompts = subject_latents(instances, vae, args, rng)
         subject = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
+        fit = mean_squared_difference(predict(unet, text_encoder, subject, autocast), subject.reference)
         class_prompts = sorted({c["class_prompt"] for c in concepts if c.get("class_prompt")})
         if not class_prompts:
             logger.info("Diagnostics: no class prompt (--class_prompt), so class drift is not measured")
-            return subject, None
+            return subject, None, fit
         latents, prompts = sampled_class_latents(class_prompts, models, args, rng, autocast)
         klass = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
         klass.reference = predict(unet, text_encoder, klass, autocast)
-    return subject, klass
+    return subject, klass, fit
 
 
 def save_probes(path, sets):
@@ -222,24 +215,37 @@ def plot(path, runs):
     fig.savefig(path, dpi=100)
 
 
+class Cost:
+    """Seconds spent, wall and CPU (the CPU time is the fair figure on a busy machine)."""
+
+    def __init__(self):
+        self.seconds = self.cpu_seconds = 0.0
+
+    @contextlib.contextmanager
+    def counting(self):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        yield
+        self.seconds += time.perf_counter() - started
+        self.cpu_seconds += time.process_time() - cpu_started
+
+
 class Diagnostics:
     """Rank 0's measurements: scalars to the writer, rows to diagnostics.csv, the plot at the end."""
 
-    def __init__(self, subject, klass, unet, text_encoder, autocast, writer, output_dir, rows):
+    def __init__(self, subject, klass, unet, text_encoder, autocast, writer, output_dir, rows, cost):
         self.subject, self.klass = subject, klass
         self.unet, self.text_encoder, self.autocast, self.writer = unet, text_encoder, autocast, writer
-        self.output_dir, self.rows = output_dir, rows
-        self.seconds = self.cpu_seconds = 0.0  # CPU time: a fair cost on a busy machine
+        self.output_dir, self.rows, self.cost = output_dir, rows, cost
 
     def measure(self, step):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        with measuring(self.text_encoder, self.unet):
+        with self.cost.counting(), measuring(self.text_encoder, self.unet):
             fit = mean_squared_difference(predict(self.unet, self.text_encoder, self.subject, self.autocast),
                                           self.subject.reference)
             drift = None if self.klass is None else mean_squared_difference(
                 predict(self.unet, self.text_encoder, self.klass, self.autocast), self.klass.reference)
-        self.seconds += time.perf_counter() - started
-        self.cpu_seconds += time.process_time() - cpu_started
+        self.record(step, fit, drift)
+
+    def record(self, step, fit, drift):
         self.writer.add_scalar("diag/subject_fit", fit, step)
         if drift is not None:
             self.writer.add_scalar("diag/class_drift", drift, step)
@@ -254,12 +260,13 @@ class Diagnostics:
         first, last = self.rows[0], self.rows[-1]
         logger.info("Diagnostics: subject fit %.4g -> %.4g, class drift %s at update %d; they took %.1f s (%.1f CPU "
                     "s) in all (%s)", first[1], last[1], "-" if last[2] is None else f"{last[2]:.4g}", step,
-                    self.seconds, self.cpu_seconds, os.path.join(self.output_dir, PLOT_FILE))
+                    self.cost.seconds, self.cost.cpu_seconds, os.path.join(self.output_dir, PLOT_FILE))
 
 
 def start(args, concepts, instances, models, autocast, writer, step):
     """Rank 0's Diagnostics before the first update of this run (update `step`). A fresh run builds
-    and saves the probe sets and measures the base model; a resumed run reuses the saved ones."""
+    and saves the probe sets and records the base model's numbers (its drift is 0 by definition);
+    a resumed run reuses the saved probe sets."""
     from ppdiffusers.training_utils import unwrap_model
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
@@ -269,17 +276,16 @@ def start(args, concepts, instances, models, autocast, writer, step):
         subject, klass = load_probes(probe_file)
         rows = read_rows(csv_file, step)
         write_rows(csv_file, rows)  # forget what an interrupted run measured after its checkpoint
-        return Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, rows)
+        return Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, rows, Cost())
     if step:
         logger.warning("Diagnostics: no %s from the start of this run, so class drift is measured from update %d",
                        probe_file, step)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    subject, klass = build_probes(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
-                                  autocast)
+    cost = Cost()
+    with cost.counting():
+        subject, klass, fit = build_probes(args, concepts, instances,
+                                           (tokenizer, text_encoder, vae, unet, noise_scheduler), autocast)
     save_probes(probe_file, {"subject": subject, "class": klass})
     write_rows(csv_file, [])
-    diagnostics = Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, [])
-    diagnostics.measure(step)
-    # the probe sets' cost counts too
-    diagnostics.seconds, diagnostics.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    diagnostics = Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, [], cost)
+    diagnostics.record(step, fit, None if klass is None else 0.0)
     return diagnostics

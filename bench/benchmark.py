@@ -210,8 +210,10 @@ def main():
             fail(f"the floor (batch {batch})", log)
         with open(log) as f:
             line = [ln for ln in f if ln.startswith("{")][-1]
-        commands.append(f"python bench/benchmark.py --floor --model MODEL --batch {batch} --resolution {resolution} "
-                        f"--steps {args.steps} --warmup {args.warmup}")
+        command = (f"python bench/benchmark.py --floor --model MODEL --batch {batch} --resolution {resolution} "
+                   f"--steps {args.steps} --warmup {args.warmup}")
+        if command not in commands:
+            commands.append(command)
         found = json.loads(line)
         return dict(median=found["median"], cpu=found["cpu_median"], rss=rss, wall=wall)
 
@@ -240,10 +242,10 @@ def main():
                             f"{args.class_images} --sample_batch_size 4 --class_sampler {sampler} "
                             f"--class_inference_steps {sampler_steps}")
 
-    for batch in sorted({VARIANTS[v][1] for v in variants}):
-        floors[batch] = floor_of(batch)
     for name in variants:
         extra, batch, procs = VARIANTS[name]
+        # The floor runs right before each variant, so that both see the same load on a shared machine.
+        floors.setdefault(batch, []).append(floor_of(batch))
         out = os.path.join(work, "run-" + name.replace(" ", "_"))
         flags = trainer_flags(model, out, resolution, total, help_text) + extra
         if "--with_prior_preservation" in extra:
@@ -256,11 +258,13 @@ def main():
             fail(f"the trainer ({name})", log)
         update, period = step_times(os.path.join(out, "logs"), "train/update_seconds", args.warmup)
         cpu, _ = step_times(os.path.join(out, "logs"), "train/update_cpu_seconds", args.warmup)
-        rows.append(dict(name=name, update=update, period=period, cpu=cpu, rss=rss, wall=wall, floor_batch=batch))
+        rows.append(dict(name=name, update=update, period=period, cpu=cpu, rss=rss, wall=wall, floor_batch=batch,
+                         floor=floors[batch][-1]))
         shown = " ".join(f'"{f}"' if " " in f else f for f in extra)
         commands.append(("python -m paddle.distributed.launch --nproc_per_node 2 " if procs > 1 else "python ") +
                         f"train_dreambooth.py [common flags] {shown}".rstrip())
     if args.compare_script:
+        floors.setdefault(1, []).append(floor_of(1))
         out = os.path.join(work, "run-compare")
         flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt",
                  PROMPT, "--output_dir", out, "--resolution", str(resolution), "--center_crop", "--train_batch_size",
@@ -273,7 +277,7 @@ def main():
             fail("--compare_script", log)
         _, period = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
         rows.append(dict(name="--compare_script", update=None, period=period, cpu=None, rss=rss, wall=wall,
-                         floor_batch=1))
+                         floor_batch=1, floor=floors[1][-1]))
         commands.append(f"python {args.compare_script} [same flags] --noise_offset 0 --max_grad_norm 0")
 
     table = render(rows, floors, gen_rows, args, resolution)
@@ -293,15 +297,16 @@ def render(rows, floors, gen_rows, args, resolution):
              f"{resolution}x{resolution}, batch 1 per process, OMP_NUM_THREADS={args.threads}. update: the trainer's "
              "`train/update_seconds`; period: between consecutive updates (all of the loop); CPU: process CPU "
              "seconds per update (`train/update_cpu_seconds`, robust to other load on the machine). Ratios divide by "
-             "the floor of the batch in brackets.", "",
+             "the floor of the batch in brackets, measured just before the variant.", "",
              "| variant | update s | period s | CPU s | floor s / CPU s (batch) | update / floor | period / floor | "
              "CPU / floor CPU | peak RSS MiB | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for b, f in sorted(floors.items()):
-        lines.append(f"| floor, batch {b} | {f['median']:.3f} | | {f['cpu']:.3f} | {f['median']:.3f} / {f['cpu']:.3f} "
-                     f"({b}) | 1.00 | | 1.00 | {f['rss'] / mib:.0f} | {f['wall']:.1f} |")
+    for b, runs in sorted(floors.items()):
+        for i, f in enumerate(runs):
+            lines.append(f"| floor, batch {b}, run {i + 1} | {f['median']:.3f} | | {f['cpu']:.3f} | | | | | "
+                         f"{f['rss'] / mib:.0f} | {f['wall']:.1f} |")
     for r in rows:
-        f = floors.get(r["floor_batch"]) or floors.get(1)
+        f = r["floor"]
 
         def ratio(x, key="median"):
             return "n/a" if x is None or not f else f"{x / f[key]:.2f}"

@@ -15,3 +15,25 @@ def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
     for ratio in cells[5:8]:
         assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, rows[0]
     assert float(cells[8]) > 0 and float(cells[9]) > 0, rows[0]
+
+
+def test_memory_estimate_matches_docs_for_sd1():
+    """docs/memory.md's activation rows come from memory_estimate for SD 1.x at 512 (64x64 latents)."""
+    from memory_estimate import unet_activation_elements
+
+    sd1 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8,
+               down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    gib = lambda elements: 4 * elements / 2**30  # noqa: E731  fp32
+    assert round(gib(unet_activation_elements(sd1, 64, 64, 77)), 1) == 7.3
+    assert round(gib(unet_activation_elements(sd1, 64, 64, 77, efficient_attention=True)), 1) == 2.0
+    assert round(gib(unet_activation_elements(sd1, 64, 64, 77, checkpointing=True)), 1) == 1.3
+
+
+def test_print_memory_estimate_logs_the_loaded_model(tiny_model, instance_dir, tmp_path, capsys):
+    from conftest import run_train, train_args
+
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "out", "--print_memory_estimate",
+                          "--train_text_encoder", "--max_train_steps", 1))
+    out = capsys.readouterr().out
+    assert "GPU memory estimate (estimate:" in out
+    assert "trained weights, fp32 (UNet + text encoder:" in out and "AdamW states" in out and "total" in out
