@@ -138,6 +138,13 @@ def _case_finished_output_dir(tmp, model, inst):
     return [], ["--output_dir", "--overwrite_output_dir"]
 
 
+def _case_output_dir_not_writable(tmp, model, inst):
+    blocker = os.path.join(tmp, "a_file")
+    with open(blocker, "w") as f:
+        f.write("not a folder")
+    return ["--output_dir", os.path.join(blocker, "out")], ["--output_dir", "not writable"]
+
+
 CASES = {name[len("_case_"):]: fn for name, fn in list(globals().items()) if name.startswith("_case_")}
 
 
@@ -210,3 +217,22 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, outcomes):
     proc, words, watched = outcomes[case]
     check_message(proc, words)
     check_nothing_written(watched)
+
+
+def test_warnings_for_small_images_large_batches_and_shared_class_dirs(tiny_model, tmp_path, capsys):
+    """Not errors, but worth a line each: upscaled photos, batches that repeat photos, and a class
+    folder that already holds images generated for another class prompt."""
+    import train_dreambooth
+    from conftest import run_train
+
+    small = make_images(tmp_path / "small", n=2, size=(32, 32))
+    classes = tmp_path / "class"
+    os.makedirs(classes)
+    Image.new("RGB", (64, 64)).save(classes / train_dreambooth.class_image_name("a photo of cat", 0))
+    run_train(*train_args(tiny_model, small, tmp_path / "out", "--train_batch_size", 3, "--max_train_steps", 1,
+                          "--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", classes,
+                          "--num_class_images", 1))
+    log = capsys.readouterr().out
+    assert "2 image(s) smaller than 64x64 are upscaled" in log
+    assert "--train_batch_size 3 is larger than the 2 instance images" in log
+    assert "holds images generated for another class prompt" in log
