@@ -10,8 +10,11 @@ update on tensors of the same shapes and nothing else, in a subprocess with the 
 
 Per variant: the median of the trainer's own `train/update_seconds` scalar over the updates
 after --warmup, the median period between consecutive updates (VisualDL timestamps: everything
-the loop does, logging included), the peak RSS of the whole process tree (psutil polling) and
-the end-to-end wall time of the command (start-up, caching and saving included).
+the loop does, logging included), the median and minimum process CPU seconds per update
+(`train/update_cpu_seconds`: on a shared machine other load only adds, so the minimum is the
+steadiest figure), the peak RSS of the whole process tree (psutil polling) and the end-to-end
+wall time of the command (start-up, caching and saving included). The floor runs right before
+each variant, so both see the same load.
 Also measures class-image generation (images/s): the trainer's default sampler against 50 PNDM
 steps at equal batch size. Writes the table into bench/RESULTS.md between its markers
 (--results; --quick writes none unless asked).
@@ -75,7 +78,8 @@ def floor(model, batch, height, width, steps, warmup):
         seconds.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
     print(json.dumps(dict(batch=batch, median=statistics.median(seconds[warmup:]),
-                          cpu_median=statistics.median(cpu[warmup:]), seconds=seconds)))
+                          cpu_median=statistics.median(cpu[warmup:]), cpu_min=min(cpu[warmup:]), seconds=seconds,
+                          cpu=cpu)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,12 +127,14 @@ def scalar_records(logdir, tag):
 
 
 def step_times(logdir, tag, warmup, with_values=True):
-    """(median logged value, median period between consecutive steps) over the steps after warmup."""
+    """(median logged value, median period between consecutive steps, smallest logged value) over the
+    steps after warmup."""
     records = scalar_records(logdir, tag)
     after = sorted(s for s in records if s > warmup)
     values = statistics.median(records[s][0] for s in after) if with_values and after else None
+    smallest = min(records[s][0] for s in after) if with_values and after else None
     periods = [(records[s][1] - records[s - 1][1]) / 1000 for s in after if s - 1 in records]
-    return values, (statistics.median(periods) if periods else None)
+    return values, (statistics.median(periods) if periods else None), smallest
 
 
 def fail(what, log_path):
@@ -215,7 +221,7 @@ def main():
         if command not in commands:
             commands.append(command)
         found = json.loads(line)
-        return dict(median=found["median"], cpu=found["cpu_median"], rss=rss, wall=wall)
+        return dict(median=found["median"], cpu=found["cpu_median"], cpu_min=found["cpu_min"], rss=rss, wall=wall)
 
     rows, floors = [], {}
     class_dir = os.path.join(work, "class_images")
@@ -256,9 +262,10 @@ def main():
         rc, wall, rss = run(launch + ["train_dreambooth.py"] + flags, env, log)
         if rc:
             fail(f"the trainer ({name})", log)
-        update, period = step_times(os.path.join(out, "logs"), "train/update_seconds", args.warmup)
-        cpu, _ = step_times(os.path.join(out, "logs"), "train/update_cpu_seconds", args.warmup)
-        rows.append(dict(name=name, update=update, period=period, cpu=cpu, rss=rss, wall=wall, floor_batch=batch,
+        update, period, _ = step_times(os.path.join(out, "logs"), "train/update_seconds", args.warmup)
+        cpu, _, cpu_min = step_times(os.path.join(out, "logs"), "train/update_cpu_seconds", args.warmup)
+        rows.append(dict(name=name, update=update, period=period, cpu=cpu, cpu_min=cpu_min, rss=rss, wall=wall,
+                         floor_batch=batch,
                          floor=floors[batch][-1]))
         shown = " ".join(f'"{f}"' if " " in f else f for f in extra)
         commands.append(("python -m paddle.distributed.launch --nproc_per_node 2 " if procs > 1 else "python ") +
@@ -275,9 +282,9 @@ def main():
         rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
         if rc:
             fail("--compare_script", log)
-        _, period = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
-        rows.append(dict(name="--compare_script", update=None, period=period, cpu=None, rss=rss, wall=wall,
-                         floor_batch=1, floor=floors[1][-1]))
+        _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
+        rows.append(dict(name="--compare_script", update=None, period=period, cpu=None, cpu_min=None, rss=rss,
+                         wall=wall, floor_batch=1, floor=floors[1][-1]))
         commands.append(f"python {args.compare_script} [same flags] --noise_offset 0 --max_grad_norm 0")
 
     table = render(rows, floors, gen_rows, args, resolution)
@@ -293,30 +300,33 @@ def fmt(x, spec=".3f"):
 
 def render(rows, floors, gen_rows, args, resolution):
     mib = 2**20
-    lines = [f"Seconds per optimizer update: median over {args.steps} updates after {args.warmup} warm-up updates; "
-             f"{resolution}x{resolution}, batch 1 per process, OMP_NUM_THREADS={args.threads}. update: the trainer's "
-             "`train/update_seconds`; period: between consecutive updates (all of the loop); CPU: process CPU "
-             "seconds per update (`train/update_cpu_seconds`, robust to other load on the machine). Ratios divide by "
+    lines = [f"Seconds per optimizer update over {args.steps} updates after {args.warmup} warm-up updates; "
+             f"{resolution}x{resolution}, batch 1 per process, OMP_NUM_THREADS={args.threads}. update: median of the "
+             "trainer's `train/update_seconds`; period: median time between consecutive updates (all of the loop); "
+             "CPU: process CPU seconds per update (`train/update_cpu_seconds`), median and minimum. Other load on "
+             "the machine only ever adds time, so the minimum is the steadiest figure there. Each ratio divides by "
              "the floor of the batch in brackets, measured just before the variant.", "",
-             "| variant | update s | period s | CPU s | floor s / CPU s (batch) | update / floor | period / floor | "
-             "CPU / floor CPU | peak RSS MiB | wall s |",
+             "| variant | update s | period s | CPU s median / min | floor: s, CPU median / min (batch) | "
+             "period / floor | CPU / floor CPU, median | CPU / floor CPU, min | peak RSS MiB | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for b, runs in sorted(floors.items()):
         for i, f in enumerate(runs):
-            lines.append(f"| floor, batch {b}, run {i + 1} | {f['median']:.3f} | | {f['cpu']:.3f} | | | | | "
-                         f"{f['rss'] / mib:.0f} | {f['wall']:.1f} |")
+            lines.append(f"| floor, batch {b}, run {i + 1} | {f['median']:.3f} | | {f['cpu']:.3f} / {f['cpu_min']:.3f} "
+                         f"| | | | | {f['rss'] / mib:.0f} | {f['wall']:.1f} |")
     for r in rows:
         f = r["floor"]
 
-        def ratio(x, key="median"):
-            return "n/a" if x is None or not f else f"{x / f[key]:.2f}"
+        def ratio(x, key):
+            return "n/a" if x is None else f"{x / f[key]:.2f}"
 
-        floor_cell = f"{f['median']:.3f} / {f['cpu']:.3f} ({r['floor_batch']})" if f else "n/a"
-        lines.append(f"| {r['name']} | {fmt(r['update'])} | {fmt(r['period'])} | {fmt(r['cpu'])} | {floor_cell} | "
-                     f"{ratio(r['update'])} | {ratio(r['period'])} | {ratio(r['cpu'], 'cpu')} | {r['rss'] / mib:.0f} | "
+        cpu = "n/a" if r["cpu"] is None else f"{r['cpu']:.3f} / {r['cpu_min']:.3f}"
+        lines.append(f"| {r['name']} | {fmt(r['update'])} | {fmt(r['period'])} | {cpu} | {f['median']:.3f}, "
+                     f"{f['cpu']:.3f} / {f['cpu_min']:.3f} ({r['floor_batch']}) | {ratio(r['period'], 'median')} | "
+                     f"{ratio(r['cpu'], 'cpu')} | {ratio(r['cpu_min'], 'cpu_min')} | {r['rss'] / mib:.0f} | "
                      f"{r['wall']:.1f} |")
     if gen_rows:
-        lines += ["", "| class-image generation (equal batch) | images/s (wall) | images per CPU second |", "|---|---|---|"]
+        lines += ["", "| class-image generation (equal batch) | images/s (wall) | images per CPU second |",
+                  "|---|---|---|"]
         lines += [f"| {name} | {rate:.4f} | {per_cpu:.4f} |" for name, rate, per_cpu in gen_rows]
     return "\n".join(lines)
 

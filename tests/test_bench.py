@@ -11,7 +11,7 @@ def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| plain |")]
     assert rows, result.stdout
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    # variant, update s, period s, CPU s, floor, update/floor, period/floor, CPU/floor CPU, RSS MiB, wall s
+    # variant, update s, period s, CPU s, floor, period/floor, CPU/floor CPU median, ... min, RSS MiB, wall s
     for ratio in cells[5:8]:
         assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, rows[0]
     assert float(cells[8]) > 0 and float(cells[9]) > 0, rows[0]
