@@ -8,8 +8,10 @@ OUTPUT_DIR is either
   `first_stage_model.*`, `cond_stage_model.transformer.*`), loadable as a checkpoint by WebUI,
   ComfyUI and `StableDiffusionPipeline.from_single_file`; or
 - a LoRA output folder of train_dreambooth.py --use_lora (paddle_lora_weights.safetensors, no
-  model_index.json): the file is the LoRA in the kohya layout that WebUI, ComfyUI and
-  `load_lora_weights` read (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`).
+  model_index.json; with --train_text_encoder also text_encoder_lora_weights.safetensors): the file
+  is the LoRA in the kohya layout that WebUI, ComfyUI and `load_lora_weights` read
+  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_<module>...` for
+  the text encoder).
 Both use PyTorch weight orientation. Default output: OUTPUT_DIR/<name of OUTPUT_DIR>.safetensors.
 """
 import argparse
@@ -18,6 +20,8 @@ import re
 import sys
 
 import numpy as np
+
+from train_dreambooth import TEXT_ENCODER_LORA
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -227,7 +231,8 @@ def export_pipeline(folder, out_path, half=False):
 # LoRA: ppdiffusers layout -> the kohya layout that WebUI, ComfyUI and load_lora_weights read.
 #
 # ppdiffusers: `unet.<module>.lora.down.weight` [in, rank] and `.lora.up.weight` [rank, out]
-# (Paddle Linear weights are [in, out]); the layer adds up(down(x)) * network_alpha / rank.
+# (Paddle Linear weights are [in, out]); the layer adds up(down(x)) * network_alpha / rank. The
+# text encoder's: `text_encoder.<module>.lora_linear_layer.down.weight`, likewise.
 # kohya: `lora_unet_<module with "_" for ".">.lora_down.weight` [rank, in], `.lora_up.weight`
 # [out, rank] (PyTorch Linear orientation) and a scalar `.alpha`; loaders add
 # up @ down @ x * alpha / rank, rank being lora_down's first dimension.
@@ -237,7 +242,9 @@ def export_pipeline(folder, out_path, half=False):
 # LoRA acts exactly as it does in ppdiffusers. WebUI's and ComfyUI's strength slider multiplies on top.
 
 LORA_WEIGHTS = "paddle_lora_weights.safetensors"  # what StableDiffusionPipeline.save_lora_weights writes
-LORA_PREFIX = "lora_unet_"
+# ppdiffusers key pattern -> kohya prefix
+LORA_KEYS = ((re.compile(r"unet\.(.+)\.lora\.(down|up)\.weight"), "lora_unet_"),
+             (re.compile(r"text_encoder\.(.+)\.lora_linear_layer\.(down|up)\.weight"), "lora_te_"))
 
 
 def is_lora_folder(folder):
@@ -251,28 +258,32 @@ def to_webui_lora(state, paddle_orientation=True):
 
     `paddle_orientation`: the arrays are Paddle-oriented (a file saved with metadata format "pd",
     as the trainer writes); False for files already in PyTorch orientation (format "pt").
-    Raises ValueError for anything but 2-D UNet LoRA pairs (text-encoder and conv LoRA have no
+    Raises ValueError for anything but 2-D UNet and text-encoder LoRA pairs (conv LoRA has no
     mapping here).
     """
     pairs = {}
     for key, value in state.items():
-        m = re.fullmatch(r"unet\.(.+)\.lora\.(down|up)\.weight", key)
-        if not m:
-            raise ValueError(f"{key}: not a UNet LoRA weight (expected unet.<module>.lora.down/up.weight)")
+        for pattern, prefix in LORA_KEYS:
+            m = pattern.fullmatch(key)
+            if m:
+                break
+        else:
+            raise ValueError(f"{key}: not a UNet or text-encoder LoRA weight (expected unet.<module>.lora.down/up"
+                             ".weight or text_encoder.<module>.lora_linear_layer.down/up.weight)")
         value = np.asarray(value)
         if value.ndim != 2:
             raise ValueError(f"{key}: {value.ndim}-D LoRA weights (e.g. of convolutions) are not supported")
         value = value.astype(np.float32) if value.dtype != np.float32 else value
-        pairs.setdefault(m[1], {})[m[2]] = np.ascontiguousarray(value.T) if paddle_orientation else value
+        name = prefix + m[1].replace(".", "_")
+        pairs.setdefault(name, {})[m[2]] = np.ascontiguousarray(value.T) if paddle_orientation else value
 
     out = {}
-    for module, pair in sorted(pairs.items()):
+    for name, pair in sorted(pairs.items()):
         if set(pair) != {"down", "up"}:
-            raise ValueError(f"{module}: LoRA {'down' if 'down' not in pair else 'up'} weight missing")
+            raise ValueError(f"{name}: LoRA {'down' if 'down' not in pair else 'up'} weight missing")
         down, up = pair["down"], pair["up"]  # now [rank, in] and [out, rank]
         if up.shape[1] != down.shape[0]:
-            raise ValueError(f"{module}: LoRA up {list(up.shape)} and down {list(down.shape)} disagree on the rank")
-        name = LORA_PREFIX + module.replace(".", "_")
+            raise ValueError(f"{name}: LoRA up {list(up.shape)} and down {list(down.shape)} disagree on the rank")
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = np.array(down.shape[0], dtype=np.float32)
@@ -282,23 +293,27 @@ def to_webui_lora(state, paddle_orientation=True):
 
 
 def export_lora(lora_file_or_dir, out_path, half=False):
-    """Write the trainer's LoRA (its paddle_lora_weights.safetensors, or the folder holding it) to
-    `out_path` in the kohya layout; float16 with `half`.
+    """Write the trainer's LoRA (its paddle_lora_weights.safetensors, or the folder holding it and,
+    if the text encoder was trained, text_encoder_lora_weights.safetensors) to `out_path` in the kohya
+    layout; float16 with `half`.
 
     Returns {"path", "tensors", "modules", "rank", "dtype", "bytes"}.
     """
     from safetensors import safe_open
 
-    path = lora_file_or_dir
-    if os.path.isdir(path):
-        path = os.path.join(path, LORA_WEIGHTS)
-    if not os.path.isfile(path):
+    paths = [lora_file_or_dir]
+    if os.path.isdir(lora_file_or_dir):
+        paths = [os.path.join(lora_file_or_dir, name) for name in (LORA_WEIGHTS, TEXT_ENCODER_LORA)]
+        paths = paths[:1] + [p for p in paths[1:] if os.path.isfile(p)]
+    if not os.path.isfile(paths[0]):
         raise ValueError(f"{lora_file_or_dir}: no LoRA weights ({LORA_WEIGHTS})")
-    with safe_open(path, framework="np") as f:
-        # ppdiffusers marks its own (Paddle-oriented) files "pd"; a file without the key is a PyTorch one.
-        fmt = (f.metadata() or {}).get("format", "pt")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    tensors = to_webui_lora(state, paddle_orientation=fmt in ("pd", "np"))
+    tensors = {}
+    for path in paths:
+        with safe_open(path, framework="np") as f:
+            # ppdiffusers marks its own (Paddle-oriented) files "pd"; a file without the key is a PyTorch one.
+            fmt = (f.metadata() or {}).get("format", "pt")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        tensors.update(to_webui_lora(state, paddle_orientation=fmt in ("pd", "np")))
     dtype = np.float16 if half else np.float32
     tensors = {k: v.astype(dtype, copy=False) for k, v in tensors.items()}
     _write(tensors, out_path)

@@ -37,6 +37,9 @@ CLASS_SAMPLERS = {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMSche
                   "euler_a": "EulerAncestralDiscreteScheduler", "model": None}
 # A folder holding one of these is a finished run's output.
 FINISHED_MARKERS = ("model_index.json", "paddle_lora_weights.safetensors")
+# Text-encoder LoRA has a file of its own: ppdiffusers 0.29's load_lora_weights fails on text-encoder
+# keys (its loader for them is removed), so they must not be in the file it reads. load_lora reads both.
+TEXT_ENCODER_LORA = "text_encoder_lora_weights.safetensors"
 # What save_final moves into output_dir (commit_dir may leave <name>.old for a moment).
 PIPELINE_ENTRIES = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
                     "image_encoder"}
@@ -115,7 +118,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=None, help="Random seed (default: drawn and logged).")
     g.add_argument("--train_text_encoder", action="store_true", help="Also train the text encoder.")
     g.add_argument("--use_lora", action="store_true",
-                   help="Train LoRA adapters on the UNet attention projections instead of the whole UNet.")
+                   help="Train LoRA adapters on the UNet attention projections (and the text encoder's with "
+                        "--train_text_encoder) instead of the whole models.")
     g.add_argument("--lora_rank", type=int, default=4, help="Rank of the LoRA adapters.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: rank).")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
@@ -163,7 +167,7 @@ def parse_args(argv=None):
     g.add_argument("--export_single_file", action="store_true",
                    help="After the final save, also write output_dir/<name of output_dir>.safetensors for Stable "
                         "Diffusion WebUI / ComfyUI: a full SD 1.x checkpoint, or with --use_lora a kohya-layout "
-                        "LoRA (see docs/webui.md).")
+                        "LoRA (see the README, \"Using the result in WebUI / ComfyUI\").")
     g.add_argument("--export_half", action="store_true",
                    help="With --export_single_file: store that file in float16 (half the size).")
     g.add_argument("--logging_dir", default="logs", help="Log folder, under output_dir.")
@@ -216,9 +220,6 @@ def check_args(args):
     for flag in positive:
         if getattr(args, flag) <= 0:
             raise DreamBoothError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
-    if args.use_lora and args.train_text_encoder:
-        raise DreamBoothError("--use_lora with --train_text_encoder: ppdiffusers 0.29 cannot load text-encoder LoRA "
-                              "weights (its loader for them is removed); train the UNet LoRA alone")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
     if args.export_half and not args.export_single_file:
@@ -401,7 +402,7 @@ def load_models(args, resume_from=None):
         tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
     text_encoder = load("text_encoder", lambda: load_text_encoder_class(model).from_pretrained(
         model, subfolder="text_encoder"))
-    if resume_from and args.train_text_encoder:
+    if resume_from and args.train_text_encoder and not args.use_lora:  # LoRA resumes onto the base
         text_encoder = load("text_encoder", lambda: type(text_encoder).from_pretrained(
             resume_from, subfolder="text_encoder"))
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
@@ -456,14 +457,69 @@ def add_lora_adapters(unet, args):
     return sum(int(p.numel()) for p in unet.parameters() if not p.stop_gradient)
 
 
-def lora_state_for_loading(unet, args):
-    """LoRA weights as load_lora_weights reads them. Its loader knows no alpha, so the scale
-    alpha / rank is folded into the up projection."""
+def add_text_encoder_lora(text_encoder, rank, alpha):
+    """Freeze the text encoder and wrap each self-attention projection in ppdiffusers'
+    PatchedLoraProjection (alpha None: scale 1); returns the number of trainable parameters."""
+    from ppdiffusers.models.lora import PatchedLoraProjection, text_encoder_attn_modules
+
+    for p in text_encoder.parameters():
+        p.stop_gradient = True
+    try:
+        attentions = text_encoder_attn_modules(text_encoder)
+    except ValueError as e:
+        raise DreamBoothError(f"--use_lora --train_text_encoder: {first_line(e)}; LoRA covers CLIP text encoders "
+                              "only, drop --train_text_encoder") from e
+    for _, attention in attentions:
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(attention, name, PatchedLoraProjection(getattr(attention, name), network_alpha=alpha, rank=rank))
+    return sum(int(p.numel()) for p in text_encoder.parameters() if not p.stop_gradient)
+
+
+def lora_state_for_loading(unet, text_encoder, args):
+    """(UNet, text-encoder) LoRA weights as the loaders read them: their loaders know no alpha, so
+    the scale alpha / rank is folded into the up projections. The text encoder's is empty unless trained."""
     from ppdiffusers.training_utils import unet_lora_state_dict
 
     scale = args.lora_alpha / args.lora_rank
     # save_lora_weights adds the "unet." prefix that unet_lora_state_dict already carries
-    return {k.removeprefix("unet."): v * scale if ".up." in k else v for k, v in unet_lora_state_dict(unet).items()}
+    unet_state = {k.removeprefix("unet."): v * scale if ".up." in k else v
+                  for k, v in unet_lora_state_dict(unet).items()}
+    text_state = {f"text_encoder.{k}": v * scale if ".up." in k else v
+                  for k, v in text_encoder.state_dict().items() if ".lora_linear_layer." in k}
+    return unet_state, text_state
+
+
+def lora_training_state(models):
+    """The LoRA parameters of every model, unscaled, keyed "<model>.<parameter>", for resuming."""
+    return {f"{label}.{name}": p for label, model in models.items() for name, p in model.named_parameters()
+            if not p.stop_gradient}
+
+
+def load_lora(pipe, folder):
+    """Load a --use_lora result into a pipeline of its base model: the UNet LoRA through ppdiffusers'
+    load_lora_weights, the text-encoder LoRA (if trained) into ppdiffusers' PatchedLoraProjection layers.
+
+        from train_dreambooth import load_lora
+        load_lora(StableDiffusionPipeline.from_pretrained(base), output_dir)
+    """
+    import paddle
+    from safetensors.numpy import load_file
+
+    pipe.load_lora_weights(folder)
+    path = os.path.join(folder, TEXT_ENCODER_LORA)
+    if not os.path.isfile(path):
+        return pipe
+    state = {k.removeprefix("text_encoder."): v for k, v in load_file(path).items()}
+    rank = next(v.shape[1] for k, v in state.items() if k.endswith(".down.weight"))  # down is [in, rank]
+    add_text_encoder_lora(pipe.text_encoder, rank, alpha=None)
+    own = pipe.text_encoder.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} weights match no layer of this text encoder, e.g. {unknown[0]}")
+    for name, value in state.items():
+        own[name].set_value(paddle.to_tensor(value, dtype=own[name].dtype))
+    pipe.text_encoder.eval()
+    return pipe
 
 
 def tokenize(tokenizer, prompt):
@@ -719,7 +775,13 @@ def save_pipeline(args, unet, text_encoder, tokenizer, folder):
 
     unet, text_encoder = unwrap_model(unet), unwrap_model(text_encoder)
     if args.use_lora:
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_for_loading(unet, args))
+        from safetensors.numpy import save_file
+
+        unet_state, text_state = lora_state_for_loading(unet, text_encoder, args)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_state)
+        if text_state:  # Paddle orientation, as ppdiffusers marks its own files
+            save_file({k: v.numpy() for k, v in text_state.items()}, os.path.join(folder, TEXT_ENCODER_LORA),
+                      metadata={"format": "pd"})
         return
     pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
                                                    text_encoder=text_encoder, tokenizer=tokenizer)
@@ -780,8 +842,7 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
             names = structured_names(models)
             paddle.save(rename_state(optimizer.state_dict(), names), os.path.join(tmp, "optimizer.pdopt"))
             if args.use_lora:  # the exact trained values, unscaled, for resuming
-                lora = {k: v for k, v in models["unet"].state_dict().items() if ".lora_layer." in k}
-                paddle.save(lora, os.path.join(tmp, "lora_training_state.pdparams"))
+                paddle.save(lora_training_state(models), os.path.join(tmp, "lora_training_state.pdparams"))
             state = dict(position, lr_scheduler=lr_scheduler.state_dict(), world_size=world_size,
                          args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
@@ -811,20 +872,25 @@ def list_checkpoints(output_dir):
 def save_final(args, unet, text_encoder, tokenizer):
     """The finished pipeline goes to output_dir itself, beside logs and checkpoints.
 
-    It is staged in a temporary folder. The old model_index.json (what makes the folder a loadable
-    pipeline) goes first and the new one comes last, so a crash never leaves a folder that claims
-    to be a pipeline while holding a mix of two."""
+    It is staged in a temporary folder. The old marker (model_index.json, or the LoRA weights: what
+    makes the folder a finished result) goes first and the new one comes last, so a crash never
+    leaves a folder that claims to be finished while holding a mix of two."""
     with saving(args.output_dir):
         tmp = atomic_dir(os.path.join(args.output_dir, "final"))
         save_pipeline(args, unet, text_encoder, tokenizer, tmp)
-        index = os.path.join(args.output_dir, "model_index.json")
-        if os.path.exists(index):
-            os.remove(index)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "model_index.json"):
+        for marker in FINISHED_MARKERS:
+            if os.path.exists(os.path.join(args.output_dir, marker)):
+                os.remove(os.path.join(args.output_dir, marker))
+        for name in sorted(os.listdir(tmp), key=lambda n: n in FINISHED_MARKERS):
             src, dst = os.path.join(tmp, name), os.path.join(args.output_dir, name)
             commit_dir(src, dst) if os.path.isdir(src) else os.replace(src, dst)
         os.rmdir(tmp)
-    logger.info("Saved the trained pipeline to %s", args.output_dir)
+    if args.use_lora:
+        how = "load_lora(pipe, output_dir) from train_dreambooth" if args.train_text_encoder else \
+            "pipe.load_lora_weights(output_dir)"
+        logger.info("Saved the LoRA weights to %s; load them onto the base model with %s", args.output_dir, how)
+    else:
+        logger.info("Saved the trained pipeline to %s", args.output_dir)
 
 
 def export_result(args, unet, text_encoder, vae):
@@ -995,13 +1061,19 @@ def main(args):
     for p in text_encoder.parameters():
         p.stop_gradient = not args.train_text_encoder
     unet.train()
+    models = dict(unet=unet, text_encoder=text_encoder)  # unwrapped, whatever wraps them later
     if args.use_lora:
-        trainable = add_lora_adapters(unet, args)
-        total = sum(int(p.numel()) for p in unet.parameters())
-        logger.info("LoRA rank %d, alpha %g: %d trainable parameters (%.2f%% of the UNet's %d)", args.lora_rank,
-                    args.lora_alpha, trainable, 100 * trainable / total, total)
+        counts = dict(unet=add_lora_adapters(unet, args))
+        if args.train_text_encoder:
+            counts["text_encoder"] = add_text_encoder_lora(text_encoder, args.lora_rank, args.lora_alpha)
+        for label, trainable in counts.items():
+            total = sum(int(p.numel()) for p in models[label].parameters())
+            logger.info("LoRA rank %d, alpha %g: %d trainable parameters in the %s (%.2f%% of its %d)",
+                        args.lora_rank, args.lora_alpha, trainable, label, 100 * trainable / total, total)
         if resume_from:
-            unet.set_state_dict(paddle.load(os.path.join(resume_from, "lora_training_state.pdparams")))
+            saved = paddle.load(os.path.join(resume_from, "lora_training_state.pdparams"))
+            for name, p in lora_training_state(models).items():
+                p.set_value(saved[name])
     autocast, scaler = setup_mixed_precision(args, [vae] + ([] if args.train_text_encoder else [text_encoder]))
     if args.enable_xformers_memory_efficient_attention:
         enable_memory_efficient_attention(unet)
@@ -1060,7 +1132,6 @@ def main(args):
         epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm else None)
 
-    models = dict(unet=unet, text_encoder=text_encoder)
     position = dict(global_step=0, epoch=0, batch=0)
     if resume_from:
         position = restore_training_state(resume_from, resume_state, optimizer, lr_scheduler, models, rank)
@@ -1143,6 +1214,7 @@ def main(args):
                 args.gradient_accumulation_steps, args.learning_rate)
     global_step = position["global_step"]
     stop = global_step >= args.max_train_steps
+    validated_at = None  # the final model is not validated twice
     with stop_signals() as stop_signal, tqdm(total=args.max_train_steps, initial=position["global_step"],
                                              desc="steps", disable=rank != 0) as bar:
         started, update_seconds = time.time(), []
@@ -1204,6 +1276,7 @@ def main(args):
                     save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
                 if rank == 0 and args.validation_prompt and global_step % args.validation_steps == 0:
                     validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
+                    validated_at = global_step
                 if signalled:
                     raise Interrupted(f"stopped by a signal after update {global_step}; checkpoint saved: resume with "
                                       f"--resume_from_checkpoint latest and the same --output_dir {args.output_dir}")
@@ -1217,7 +1290,7 @@ def main(args):
         logger.info("Trained to update %d in %.1f s; median update %.4f s (after the first)", global_step, elapsed,
                     float(np.median(update_seconds[1:] or update_seconds or [0.0])))
         save_final(args, unet, text_encoder, tokenizer)
-        if args.validation_prompt:
+        if args.validation_prompt and validated_at != global_step:
             validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
         if diag:
             diag.finish(global_step)

@@ -316,8 +316,8 @@ def test_cli_exports_a_lora_folder(trained, tmp_path):
 
 def test_lora_export_refuses_what_it_cannot_map():
     w = np.zeros((4, 2), np.float32)
-    with pytest.raises(ValueError, match="not a UNet LoRA"):
-        export.to_webui_lora({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": w})
+    with pytest.raises(ValueError, match="not a UNet or text-encoder LoRA"):
+        export.to_webui_lora({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight": w})
     with pytest.raises(ValueError, match="up weight missing"):
         export.to_webui_lora({"unet.mid_block.attentions.0.proj_in.lora.down.weight": w})
 

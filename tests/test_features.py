@@ -18,13 +18,14 @@ def test_validation_grids_images_in_the_log_and_unchanged_weights(tiny_model, in
                           "--validation_prompt", "a photo of sks dog", "--validation_prompt", "a photo of dog",
                           "--validation_steps", 2, "--num_validation_images", 2,
                           "--validation_num_inference_steps", 2))
-    # updates 2 and 4, and the final validation after the last save (also update 4)
+    # updates 2 and 4; the final model (update 4) was just validated, so not again after the last save
     assert sorted(os.listdir(validated / "validation")) == ["step-000002.png", "step-000004.png"]
     grid = Image.open(validated / "validation" / "step-000002.png")
     assert grid.width >= 2 * 64 and grid.height >= 2 * 64  # two rows of two 64x64 images
     log = validated / "logs"
     reader = LogReader(file_path=str(log / os.listdir(log)[0]))
     assert {"validation/0", "validation/1"} <= set(reader.get_tags()["image"])
+    assert [record.id for record in reader.get_data("image", "validation/0")] == [2, 4]
     a, b = load_weights(plain), load_weights(validated)
     assert all(np.array_equal(a[k], b[k]) for k in a), "validation changed the training"
 

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASS_PROMPT, ROOT, load_weights, logged_scalars, make_images, run_cli, run_train, train_args
-
-
-# Adam's first step moves every weight by ~lr*sign(g), which turns float noise in gradients that are
-# zero in exact arithmetic (a conv bias feeding a GroupNorm) into full-size steps. With a large
-# epsilon the update is ~lr*g, so comparing weights compares the gradients themselves.
-GRADIENT_LIKE = ["--learning_rate", 0.1, "--adam_epsilon", 1.0]
+from conftest import (CLASS_PROMPT, GRADIENT_LIKE, ROOT, load_weights, logged_scalars, make_images, run_cli, run_train,
+                      train_args)
 
 
 def assert_same_weights(a, b, atol):
