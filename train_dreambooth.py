@@ -522,6 +522,31 @@ def load_lora(pipe, folder):
     return pipe
 
 
+def park(models):
+    """Move frozen models whose per-step work is cached (the VAE with cached latents, a frozen text
+    encoder) to host memory: on a GPU their memory goes to training. `borrowed` brings them back
+    for validation and diagnostics. On a CPU both are no-ops, so the same code runs everywhere."""
+    import paddle
+
+    for model in models:
+        model.to(device="cpu")
+    if paddle.device.is_compiled_with_cuda():
+        paddle.device.cuda.empty_cache()
+    return models
+
+
+@contextlib.contextmanager
+def borrowed(parked):
+    import paddle
+
+    for model in parked:
+        model.to(device=paddle.get_device())
+    try:
+        yield
+    finally:
+        park(parked)
+
+
 def tokenize(tokenizer, prompt):
     return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_attention_mask=False)["input_ids"]
@@ -1209,6 +1234,7 @@ def main(args):
     # Rank 0 alone measures; the other ranks go on and wait for it in the next all-reduce.
     diag = diagnostics.start(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler), autocast,
                              writer, position["global_step"]) if rank == 0 and args.diagnostics_steps else None
+    parked = park(([vae] if args.cache_latents else []) + ([] if args.train_text_encoder else [text_encoder]))
     logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
                 args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
                 args.gradient_accumulation_steps, args.learning_rate)
@@ -1271,11 +1297,13 @@ def main(args):
                         writer.add_scalar("train/update_seconds", update_seconds[-1], global_step)
                         writer.add_scalar("train/update_cpu_seconds", update_cpu, global_step)
                     if diag and global_step % args.diagnostics_steps == 0:
-                        diag.measure(global_step)
+                        with borrowed(parked):
+                            diag.measure(global_step)
                 if signalled or global_step % args.save_steps == 0:
                     save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
                 if rank == 0 and args.validation_prompt and global_step % args.validation_steps == 0:
-                    validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
+                    with borrowed(parked):
+                        validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
                     validated_at = global_step
                 if signalled:
                     raise Interrupted(f"stopped by a signal after update {global_step}; checkpoint saved: resume with "
@@ -1290,10 +1318,11 @@ def main(args):
         logger.info("Trained to update %d in %.1f s; median update %.4f s (after the first)", global_step, elapsed,
                     float(np.median(update_seconds[1:] or update_seconds or [0.0])))
         save_final(args, unet, text_encoder, tokenizer)
-        if args.validation_prompt and validated_at != global_step:
-            validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
-        if diag:
-            diag.finish(global_step)
+        with borrowed(parked):
+            if args.validation_prompt and validated_at != global_step:
+                validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
+            if diag:
+                diag.finish(global_step)
         writer.close()
         if args.export_single_file:
             export_result(args, unet, text_encoder, vae)

@@ -146,6 +146,46 @@ def test_with_caching_neither_vae_nor_text_encoder_runs_in_training_steps(tiny_m
     assert counts[2] == counts[6] == (4, 1), counts  # 4 images encoded once, 1 prompt embedded once
 
 
+def test_cached_models_wait_off_the_device_except_when_validation_borrows_them(tiny_model, instance_dir, tmp_path,
+                                                                                monkeypatch):
+    """With cached latents and a frozen text encoder, both models are moved to host memory before
+    the first update and come back to the device only around validation. A CPU has one device,
+    so the test pretends the device is "gpu:0" and records the moves instead of making them."""
+    import paddle
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextModel
+
+    where, events = {}, []
+
+    def move(self, device=None, dtype=None, blocking=None):
+        if isinstance(self, (AutoencoderKL, CLIPTextModel)):
+            where[type(self).__name__] = device
+        return self
+
+    def spy(cls, method, label):
+        real = getattr(cls, method)
+
+        def recorded(self, *a, **k):
+            events.append((label, paddle.is_grad_enabled(), dict(where)))
+            return real(self, *a, **k)
+        monkeypatch.setattr(cls, method, recorded)
+
+    monkeypatch.setattr(paddle.nn.Layer, "to", move)
+    monkeypatch.setattr(paddle, "get_device", lambda: "gpu:0")
+    spy(UNet2DConditionModel, "forward", "unet")
+    spy(AutoencoderKL, "decode", "decode")
+    spy(CLIPTextModel, "forward", "text")
+    run_train(*train_args(tiny_model, instance_dir, tmp_path, "--max_train_steps", 2, "--center_crop",
+                          "--cache_latents", "--diagnostics_steps", 0, "--validation_prompt", "a photo of dog",
+                          "--validation_steps", 1, "--num_validation_images", 1, "--validation_num_inference_steps", 1))
+    parked = {"AutoencoderKL": "cpu", "CLIPTextModel": "cpu"}
+    training = [seen for label, grad, seen in events if label == "unet" and grad]
+    assert len(training) == 2 and all(seen == parked for seen in training)
+    validating = [seen for label, grad, seen in events if label in ("decode", "text") and seen]
+    assert len(validating) >= 2 and all(set(seen.values()) == {"gpu:0"} for seen in validating)
+    assert where == parked, "back in host memory at the end"
+
+
 def test_cached_posterior_draws_match_the_vae_own_sampling(tiny_model):
     """Caching keeps the VAE's latent distribution (mean, std) and draws a fresh sample per step:
     many such draws have the mean and spread of the VAE's own latent_dist.sample()."""
