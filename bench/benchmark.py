@@ -1,6 +1,6 @@
 """How far is the trainer from the floor? Seconds per optimizer update, peak RSS and wall time.
 
-    python bench/benchmark.py                 # full: "small" model, 128x128, ~10 min on 2 cores
+    python bench/benchmark.py                 # full: "small" model, 128x128, ~30 min on 2 cores
     python bench/benchmark.py --quick         # tiny model, 3 updates, plain + floor (run by the tests)
 
 Builds the benchmark's "small" SD-shaped model with tiny_sd.py (35 M UNet parameters), then runs
@@ -15,7 +15,7 @@ the loop does, logging included), the median and minimum process CPU seconds per
 steadiest figure), the peak RSS of the whole process tree (psutil polling) and the end-to-end
 wall time of the command (start-up, caching and saving included). The floor runs right before
 each variant, so both see the same load.
-Also measures class-image generation (images/s): the trainer's default sampler against 50 PNDM
+Also measures class-image generation (images/s, --class_rounds rounds): the trainer's default sampler against 50 PNDM
 steps at equal batch size. Writes the table into bench/RESULTS.md between its markers
 (--results; --quick writes none unless asked).
 """
@@ -168,7 +168,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="Updates not measured.")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of: " + ", ".join(VARIANTS))
-    p.add_argument("--class_images", type=int, default=8, help="Class images generated per sampler.")
+    p.add_argument("--class_images", type=int, default=16, help="Class images generated per sampler and round.")
+    p.add_argument("--class_rounds", type=int, default=2,
+                   help="Rounds of class-image generation, the two samplers alternating (load drifts; this evens it).")
     p.add_argument("--work", default=os.path.join(HERE, "out", "benchmark"), help="Scratch folder.")
     p.add_argument("--results", default=None, help="Markdown file to write the table into (default: "
                    "bench/RESULTS.md; none with --quick).")
@@ -225,28 +227,31 @@ def main():
 
     rows, floors = [], {}
     class_dir = os.path.join(work, "class_images")
-    gen_rows = []
+    gen_runs = []  # (sampler, round, images, seconds, CPU seconds)
     if "prior preservation" in variants:
-        # Class images once, by the trainer's own generation (default sampler), also timing it.
-        for sampler, sampler_steps in (("dpm_solver", 25), ("model", 50)):
-            folder = class_dir if sampler == "dpm_solver" else os.path.join(work, "class_images_pndm")
-            for name in os.listdir(folder) if os.path.isdir(folder) else []:
-                os.remove(os.path.join(folder, name))
-            out = os.path.join(work, f"gen-{sampler}")
-            flags = trainer_flags(model, out, resolution, 1, help_text) + ["--with_prior_preservation"] + \
-                class_flags(folder, args.class_images) + ["--class_sampler", sampler, "--class_inference_steps",
-                                                          str(sampler_steps), "--sample_batch_size", "4"]
-            log = os.path.join(work, f"gen-{sampler}.log")
-            rc, wall, rss = run([py, "train_dreambooth.py"] + flags, env, log)
-            if rc:
-                fail(f"class-image generation ({sampler})", log)
-            with open(log) as f:
-                rate, n, cpu = re.findall(r"Class images: ([0-9.]+) images/s .*\((\d+) in [0-9.]+ s, ([0-9.]+) CPU s",
-                                          f.read())[-1]
-            gen_rows.append((f"{sampler} {sampler_steps} steps, batch 4", float(rate), int(n) / float(cpu)))
-            commands.append(f"python train_dreambooth.py ... --with_prior_preservation --num_class_images "
-                            f"{args.class_images} --sample_batch_size 4 --class_sampler {sampler} "
-                            f"--class_inference_steps {sampler_steps}")
+        # Class images by the trainer's own generation: its default sampler against the 50 PNDM steps of
+        # PaddleMIX's example (its `pipeline(prompts)` call with the model's own scheduler and defaults).
+        for round_ in range(args.class_rounds):
+            for sampler, sampler_steps in (("dpm_solver", 25), ("model", 50)):
+                folder = class_dir if sampler == "dpm_solver" else os.path.join(work, "class_images_pndm")
+                for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                    os.remove(os.path.join(folder, name))
+                out = os.path.join(work, f"gen-{sampler}")
+                flags = trainer_flags(model, out, resolution, 1, help_text) + ["--with_prior_preservation"] + \
+                    class_flags(folder, args.class_images) + ["--class_sampler", sampler, "--class_inference_steps",
+                                                              str(sampler_steps), "--sample_batch_size", "4"]
+                log = os.path.join(work, f"gen-{sampler}.log")
+                rc, wall, rss = run([py, "train_dreambooth.py"] + flags, env, log)
+                if rc:
+                    fail(f"class-image generation ({sampler})", log)
+                with open(log) as f:
+                    found = re.findall(r"Class images: [0-9.]+ images/s .*\((\d+) in ([0-9.]+) s, ([0-9.]+) CPU s",
+                                       f.read())[-1]
+                gen_runs.append((f"{sampler} {sampler_steps} steps", round_ + 1, *map(float, found)))
+                if round_ == 0:
+                    commands.append(f"python train_dreambooth.py ... --with_prior_preservation --num_class_images "
+                                    f"{args.class_images} --sample_batch_size 4 --class_sampler {sampler} "
+                                    f"--class_inference_steps {sampler_steps}")
 
     for name in variants:
         extra, batch, procs = VARIANTS[name]
@@ -271,23 +276,30 @@ def main():
         commands.append(("python -m paddle.distributed.launch --nproc_per_node 2 " if procs > 1 else "python ") +
                         f"train_dreambooth.py [common flags] {shown}".rstrip())
     if args.compare_script:
-        floors.setdefault(1, []).append(floor_of(1))
-        out = os.path.join(work, "run-compare")
-        flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt",
-                 PROMPT, "--output_dir", out, "--resolution", str(resolution), "--center_crop", "--train_batch_size",
-                 "1", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-                 "--max_train_steps", str(total), "--seed", "0", "--checkpointing_steps", str(10**9),
-                 "--noise_offset", "0", "--max_grad_norm", "0", "--report_to", "visualdl"]
-        log = os.path.join(work, "run-compare.log")
-        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
-        if rc:
-            fail("--compare_script", log)
-        _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
-        rows.append(dict(name="--compare_script", update=None, period=period, cpu=None, cpu_min=None, rss=rss,
-                         wall=wall, floor_batch=1, floor=floors[1][-1]))
-        commands.append(f"python {args.compare_script} [same flags] --noise_offset 0 --max_grad_norm 0")
+        # The other script on the same model, data and flags, plain and with prior preservation (using the
+        # class images generated above, so that it generates none).
+        for name in [v for v in ("plain", "prior preservation") if v in variants]:
+            extra, batch, _ = VARIANTS[name]
+            floors.setdefault(batch, []).append(floor_of(batch))
+            out = os.path.join(work, "run-compare-" + name.replace(" ", "_"))
+            flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt",
+                     PROMPT, "--output_dir", out, "--resolution", str(resolution), "--center_crop",
+                     "--train_batch_size", "1", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
+                     "--lr_warmup_steps", "0", "--max_train_steps", str(total), "--seed", "0", "--checkpointing_steps",
+                     str(10**9), "--noise_offset", "0", "--max_grad_norm", "0", "--report_to", "visualdl"] + extra
+            if "--with_prior_preservation" in extra:
+                flags += class_flags(class_dir, args.class_images)
+            log = os.path.join(work, f"run-compare-{name.replace(' ', '_')}.log")
+            rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
+            if rc:
+                fail(f"--compare_script ({name})", log)
+            _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
+            rows.append(dict(name=f"--compare_script, {name}", update=None, period=period, cpu=None, cpu_min=None,
+                             rss=rss, wall=wall, floor_batch=batch, floor=floors[batch][-1], compares=name))
+            commands.append(f"python {args.compare_script} [same flags] {' '.join(extra)} --noise_offset 0 "
+                            "--max_grad_norm 0".replace("  ", " "))
 
-    table = render(rows, floors, gen_rows, args, resolution)
+    table = render(rows, floors, gen_runs, args, resolution)
     print(table)
     if results:
         write_results(results, table, commands, args, size, resolution, load_before, os.getloadavg())
@@ -298,7 +310,7 @@ def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
 
-def render(rows, floors, gen_rows, args, resolution):
+def render(rows, floors, gen_runs, args, resolution):
     mib = 2**20
     lines = [f"Seconds per optimizer update over {args.steps} updates after {args.warmup} warm-up updates; "
              f"{resolution}x{resolution}, batch 1 per process, OMP_NUM_THREADS={args.threads}. update: median of the "
@@ -324,10 +336,25 @@ def render(rows, floors, gen_rows, args, resolution):
                      f"{f['cpu']:.3f} / {f['cpu_min']:.3f} ({r['floor_batch']}) | {ratio(r['period'], 'median')} | "
                      f"{ratio(r['cpu'], 'cpu')} | {ratio(r['cpu_min'], 'cpu_min')} | {r['rss'] / mib:.0f} | "
                      f"{r['wall']:.1f} |")
-    if gen_rows:
-        lines += ["", "| class-image generation (equal batch) | images/s (wall) | images per CPU second |",
-                  "|---|---|---|"]
-        lines += [f"| {name} | {rate:.4f} | {per_cpu:.4f} |" for name, rate, per_cpu in gen_rows]
+    compared = [(r, mine) for r in rows if r.get("compares") for mine in rows if mine["name"] == r["compares"]]
+    if compared:
+        lines += ["", "| against --compare_script | trainer period s | its period s | trainer / it | trainer peak RSS "
+                  "MiB | its peak RSS MiB |", "|---|---|---|---|---|---|"]
+        lines += [f"| {mine['name']} | {mine['period']:.3f} | {r['period']:.3f} | {mine['period'] / r['period']:.2f} | "
+                  f"{mine['rss'] / mib:.0f} | {r['rss'] / mib:.0f} |" for r, mine in compared]
+    if gen_runs:
+        lines += ["", "| class-image generation, batch 4 | round | images | images/s (wall) | images per CPU second |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r} | {n:.0f} | {n / s:.4f} | {n / cpu:.4f} |" for name, r, n, s, cpu in gen_runs]
+        pooled = {}
+        for name, _, n, s, cpu in gen_runs:
+            total = pooled.setdefault(name, [0.0, 0.0, 0.0])
+            for i, x in enumerate((n, s, cpu)):
+                total[i] += x
+        lines += [f"| {name} | all | {n:.0f} | {n / s:.4f} | {n / cpu:.4f} |" for name, (n, s, cpu) in pooled.items()]
+        (fast, (nf, sf, cf)), (slow, (ns, ss, cs)) = pooled.items()
+        lines += ["", f"Class images, {fast} against {slow}, all rounds: {(nf / sf) / (ns / ss):.2f}x the images per "
+                  f"second (wall), {(nf / cf) / (ns / cs):.2f}x per CPU second."]
     return "\n".join(lines)
 
 
