@@ -254,3 +254,13 @@ def test_text_encoder_lora_on_two_processes_equals_one(tiny_model, instance_dir,
     assert result.returncode == 0, logs[-3000:]
     assert "Weights identical on all 2 ranks" in logs
     assert_same_lora(tmp_path / "two", text_lora_batch_of_two)
+
+
+def test_text_encoder_lora_names_what_it_cannot_adapt():
+    """A text encoder other than CLIP (e.g. Taiyi's BERT) gets a one-line error, not a traceback."""
+    import paddle
+
+    import train_dreambooth
+
+    with pytest.raises(train_dreambooth.DreamBoothError, match="LoRA covers CLIP text encoders only"):
+        train_dreambooth.add_text_encoder_lora(paddle.nn.Linear(4, 4), RANK, 4.0)
