@@ -481,12 +481,14 @@ def lora_state_for_loading(unet, text_encoder, args):
     from ppdiffusers.training_utils import unet_lora_state_dict
 
     scale = args.lora_alpha / args.lora_rank
+
+    def folded(state):
+        return {k: v * scale if ".up." in k else v for k, v in state.items()}
+
     # save_lora_weights adds the "unet." prefix that unet_lora_state_dict already carries
-    unet_state = {k.removeprefix("unet."): v * scale if ".up." in k else v
-                  for k, v in unet_lora_state_dict(unet).items()}
-    text_state = {f"text_encoder.{k}": v * scale if ".up." in k else v
-                  for k, v in text_encoder.state_dict().items() if ".lora_linear_layer." in k}
-    return unet_state, text_state
+    unet_state = {k.removeprefix("unet."): v for k, v in unet_lora_state_dict(unet).items()}
+    text_state = {f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items() if ".lora_linear_layer." in k}
+    return folded(unet_state), folded(text_state)
 
 
 def lora_training_state(models):
