@@ -202,3 +202,33 @@ def test_cached_posterior_draws_match_the_vae_own_sampling(tiny_model):
     cached = mean + std * eps
     assert np.abs(cached.mean(0) - own.mean(0)).max() < 0.2 * std.max()
     np.testing.assert_allclose(cached.std(0), own.std(0), rtol=0.15)
+
+
+def test_class_sampling_unet_draws_the_plain_unets_images_with_less_work(tiny_model, monkeypatch):
+    """The sampling UNet computes each cross-attention layer's keys and values once per pipeline call
+    (recomputing them for the next call's prompts) and has the attention scale folded into its query
+    weights; its images equal the plain UNet's up to float rounding."""
+    import paddle
+
+    import train_dreambooth
+
+    args = train_dreambooth.parse_args(train_args(tiny_model, "unused", "unused", "--class_inference_steps", 3))
+    reuse, fold = train_dreambooth.reuse_cross_attention_keys_values, train_dreambooth.fold_attention_scale_into_queries
+    monkeypatch.setattr(train_dreambooth, "reuse_cross_attention_keys_values", lambda unet: None)
+    monkeypatch.setattr(train_dreambooth, "fold_attention_scale_into_queries", lambda unet: None)
+    plain, fast = train_dreambooth.load_sampling_pipeline(args), train_dreambooth.load_sampling_pipeline(args)
+    calls = []
+    for name, layer in fast.unet.named_sublayers():
+        if name.endswith("attn2"):
+            computed = layer.to_k.forward
+            layer.to_k.forward = lambda x, *a, _f=computed, _n=name, **k: calls.append(_n) or _f(x, *a, **k)
+    reuse(fast.unet)
+    fold(fast.unet)
+    layers = {n for n, _ in fast.unet.named_sublayers() if n.endswith("attn2")}
+    assert layers
+    for prompts in (["a photo of dog"] * 2, ["a photo of cat"]):
+        images = [pipe(prompts, height=64, width=64, num_inference_steps=3, output_type="np",
+                       generator=paddle.Generator().manual_seed(0)).images for pipe in (plain, fast)]
+        np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
+    assert sorted(calls) == sorted(list(layers) * 2)  # once per layer and call, not once per step
+    assert fast.unet.get_sublayer(sorted(layers)[0]).scale == 1.0
