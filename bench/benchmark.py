@@ -161,6 +161,27 @@ def class_flags(class_dir, num):
     return ["--class_prompt", CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", str(num)]
 
 
+def compare_flags(model, out, resolution, steps):
+    """The --compare_script's command line for the run trainer_flags() describes."""
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt", PROMPT,
+            "--output_dir", out, "--resolution", str(resolution), "--center_crop", "--train_batch_size", "1",
+            "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps",
+            str(steps), "--seed", "0", "--checkpointing_steps", str(10**9), "--noise_offset", "0", "--max_grad_norm",
+            "0", "--report_to", "visualdl"]
+
+
+def tqdm_seconds(log_path, desc):
+    """Elapsed seconds of the last finished tqdm bar called desc in a log (whole seconds)."""
+    with open(log_path, errors="replace") as f:
+        found = re.findall(re.escape(desc) + r": 100%[^\[]*\[([0-9:]+)<", f.read())
+    if not found:
+        fail(f"reading the '{desc}' progress bar", log_path)
+    seconds = 0
+    for part in found[-1].split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Tiny model, 64x64, 3 updates, plain + floor only.")
@@ -229,14 +250,31 @@ def main():
     class_dir = os.path.join(work, "class_images")
     gen_runs = []  # (sampler, round, images, seconds, CPU seconds)
     if "prior preservation" in variants:
-        # Class images by the trainer's own generation: its default sampler against the 50 PNDM steps of
-        # PaddleMIX's example (its `pipeline(prompts)` call with the model's own scheduler and defaults).
+        # Class images by the trainer's default sampler against the 50 PNDM steps of PaddleMIX's example
+        # (its `pipeline(prompts)` call with the model's own scheduler and defaults): that script's own
+        # generation with --compare_script, else the trainer's generation with that sampler.
+        baseline = ("compare", 50) if args.compare_script else ("model", 50)
         for round_ in range(args.class_rounds):
-            for sampler, sampler_steps in (("dpm_solver", 25), ("model", 50)):
+            for sampler, sampler_steps in (("dpm_solver", 25), baseline):
                 folder = class_dir if sampler == "dpm_solver" else os.path.join(work, "class_images_pndm")
                 for name in os.listdir(folder) if os.path.isdir(folder) else []:
                     os.remove(os.path.join(folder, name))
                 out = os.path.join(work, f"gen-{sampler}")
+                if sampler == "compare":
+                    log = os.path.join(work, "gen-compare.log")
+                    flags = compare_flags(model, out, resolution, 1) + ["--with_prior_preservation"] + \
+                        class_flags(folder, args.class_images) + ["--sample_batch_size", "4"]
+                    rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
+                    if rc:
+                        fail("--compare_script's class-image generation", log)
+                    seconds = tqdm_seconds(log, "Generating class images")
+                    gen_runs.append((f"--compare_script, {sampler_steps} steps", round_ + 1, args.class_images,
+                                     seconds, None))
+                    if round_ == 0:
+                        commands.append(f"python {args.compare_script} [same flags] --with_prior_preservation "
+                                        f"--num_class_images {args.class_images} --sample_batch_size 4 "
+                                        "--max_train_steps 1")
+                    continue
                 flags = trainer_flags(model, out, resolution, 1, help_text) + ["--with_prior_preservation"] + \
                     class_flags(folder, args.class_images) + ["--class_sampler", sampler, "--class_inference_steps",
                                                               str(sampler_steps), "--sample_batch_size", "4"]
@@ -282,11 +320,7 @@ def main():
             extra, batch, _ = VARIANTS[name]
             floors.setdefault(batch, []).append(floor_of(batch))
             out = os.path.join(work, "run-compare-" + name.replace(" ", "_"))
-            flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", SUBJECT_DIR, "--instance_prompt",
-                     PROMPT, "--output_dir", out, "--resolution", str(resolution), "--center_crop",
-                     "--train_batch_size", "1", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
-                     "--lr_warmup_steps", "0", "--max_train_steps", str(total), "--seed", "0", "--checkpointing_steps",
-                     str(10**9), "--noise_offset", "0", "--max_grad_norm", "0", "--report_to", "visualdl"] + extra
+            flags = compare_flags(model, out, resolution, total) + extra
             if "--with_prior_preservation" in extra:
                 flags += class_flags(class_dir, args.class_images)
             log = os.path.join(work, f"run-compare-{name.replace(' ', '_')}.log")
@@ -343,18 +377,22 @@ def render(rows, floors, gen_runs, args, resolution):
         lines += [f"| {mine['name']} | {mine['period']:.3f} | {r['period']:.3f} | {mine['period'] / r['period']:.2f} | "
                   f"{mine['rss'] / mib:.0f} | {r['rss'] / mib:.0f} |" for r, mine in compared]
     if gen_runs:
+        def per_cpu(n, cpu):  # --compare_script's CPU time is not known (its progress bar gives wall time)
+            return "n/a" if cpu is None else f"{n / cpu:.4f}"
+
         lines += ["", "| class-image generation, batch 4 | round | images | images/s (wall) | images per CPU second |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {name} | {r} | {n:.0f} | {n / s:.4f} | {n / cpu:.4f} |" for name, r, n, s, cpu in gen_runs]
+        lines += [f"| {name} | {r} | {n:.0f} | {n / s:.4f} | {per_cpu(n, cpu)} |" for name, r, n, s, cpu in gen_runs]
         pooled = {}
         for name, _, n, s, cpu in gen_runs:
             total = pooled.setdefault(name, [0.0, 0.0, 0.0])
-            for i, x in enumerate((n, s, cpu)):
-                total[i] += x
-        lines += [f"| {name} | all | {n:.0f} | {n / s:.4f} | {n / cpu:.4f} |" for name, (n, s, cpu) in pooled.items()]
+            total[0], total[1] = total[0] + n, total[1] + s
+            total[2] = None if cpu is None or total[2] is None else total[2] + cpu
+        lines += [f"| {name} | all | {n:.0f} | {n / s:.4f} | {per_cpu(n, cpu)} |" for name, (n, s, cpu) in pooled.items()]
         (fast, (nf, sf, cf)), (slow, (ns, ss, cs)) = pooled.items()
+        per_cpu_ratio = "" if cs is None else f", {(nf / cf) / (ns / cs):.2f}x per CPU second"
         lines += ["", f"Class images, {fast} against {slow}, all rounds: {(nf / sf) / (ns / ss):.2f}x the images per "
-                  f"second (wall), {(nf / cf) / (ns / cs):.2f}x per CPU second."]
+                  f"second (wall){per_cpu_ratio}."]
     return "\n".join(lines)
 
 
