@@ -16,8 +16,11 @@ steadiest figure), the peak RSS of the whole process tree (psutil polling) and t
 wall time of the command (start-up, caching and saving included). The floor runs right before
 each variant, so both see the same load.
 Also measures class-image generation (images/s, --class_rounds rounds): the trainer's default sampler against 50 PNDM
-steps at equal batch size. Writes the table into bench/RESULTS.md between its markers
-(--results; --quick writes none unless asked).
+steps at equal batch size (with --compare_script: that script's own generation, timed by its progress
+bar). --repeats N measures every variant N times, alternating, and adds the median of each ratio over
+the repeats: this machine's speed drifts by 10-20% within minutes, so one run's ratio can land on
+either side of a target. Writes the table into bench/RESULTS.md between its markers (--results;
+--quick writes none unless asked).
 """
 import argparse
 import json
@@ -189,6 +192,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="Updates not measured.")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="Measure every variant (each with its floor and --compare_script run) this many times, "
+                        "alternating; ratios are also reported as their median over the repeats.")
     p.add_argument("--class_images", type=int, default=16, help="Class images generated per sampler and round.")
     p.add_argument("--class_rounds", type=int, default=2,
                    help="Rounds of class-image generation, the two samplers alternating (load drifts; this evens it).")
@@ -291,7 +297,7 @@ def main():
                                     f"{args.class_images} --sample_batch_size 4 --class_sampler {sampler} "
                                     f"--class_inference_steps {sampler_steps}")
 
-    for name in variants:
+    def measure_trainer(name, suffix):
         extra, batch, procs = VARIANTS[name]
         # The floor runs right before each variant, so that both see the same load on a shared machine.
         floors.setdefault(batch, []).append(floor_of(batch))
@@ -307,31 +313,43 @@ def main():
             fail(f"the trainer ({name})", log)
         update, period, _ = step_times(os.path.join(out, "logs"), "train/update_seconds", args.warmup)
         cpu, _, cpu_min = step_times(os.path.join(out, "logs"), "train/update_cpu_seconds", args.warmup)
-        rows.append(dict(name=name, update=update, period=period, cpu=cpu, cpu_min=cpu_min, rss=rss, wall=wall,
-                         floor_batch=batch,
-                         floor=floors[batch][-1]))
+        rows.append(dict(name=name + suffix, variant=name, update=update, period=period, cpu=cpu, cpu_min=cpu_min,
+                         rss=rss, wall=wall, floor_batch=batch, floor=floors[batch][-1]))
         shown = " ".join(f'"{f}"' if " " in f else f for f in extra)
-        commands.append(("python -m paddle.distributed.launch --nproc_per_node 2 " if procs > 1 else "python ") +
-                        f"train_dreambooth.py [common flags] {shown}".rstrip())
-    if args.compare_script:
-        # The other script on the same model, data and flags, plain and with prior preservation (using the
-        # class images generated above, so that it generates none).
-        for name in [v for v in ("plain", "prior preservation") if v in variants]:
-            extra, batch, _ = VARIANTS[name]
-            floors.setdefault(batch, []).append(floor_of(batch))
-            out = os.path.join(work, "run-compare-" + name.replace(" ", "_"))
-            flags = compare_flags(model, out, resolution, total) + extra
-            if "--with_prior_preservation" in extra:
-                flags += class_flags(class_dir, args.class_images)
-            log = os.path.join(work, f"run-compare-{name.replace(' ', '_')}.log")
-            rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
-            if rc:
-                fail(f"--compare_script ({name})", log)
-            _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
-            rows.append(dict(name=f"--compare_script, {name}", update=None, period=period, cpu=None, cpu_min=None,
-                             rss=rss, wall=wall, floor_batch=batch, floor=floors[batch][-1], compares=name))
-            commands.append(f"python {args.compare_script} [same flags] {' '.join(extra)} --noise_offset 0 "
-                            "--max_grad_norm 0".replace("  ", " "))
+        command = (("python -m paddle.distributed.launch --nproc_per_node 2 " if procs > 1 else "python ") +
+                   f"train_dreambooth.py [common flags] {shown}".rstrip())
+        if command not in commands:
+            commands.append(command)
+
+    def measure_compare_script(name, suffix):
+        """The other script on the same model, data and flags (with prior preservation on the class
+        images generated above, so that it generates none)."""
+        extra, batch, _ = VARIANTS[name]
+        floors.setdefault(batch, []).append(floor_of(batch))
+        out = os.path.join(work, "run-compare-" + name.replace(" ", "_"))
+        flags = compare_flags(model, out, resolution, total) + extra
+        if "--with_prior_preservation" in extra:
+            flags += class_flags(class_dir, args.class_images)
+        log = os.path.join(work, f"run-compare-{name.replace(' ', '_')}.log")
+        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
+        if rc:
+            fail(f"--compare_script ({name})", log)
+        _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
+        rows.append(dict(name=f"--compare_script, {name}{suffix}", variant=name, update=None, period=period, cpu=None,
+                         cpu_min=None, rss=rss, wall=wall, floor_batch=batch, floor=floors[batch][-1],
+                         compares=name + suffix))
+        command = f"python {args.compare_script} [same flags] {' '.join(extra)} --noise_offset 0 --max_grad_norm 0"
+        if command.replace("  ", " ") not in commands:
+            commands.append(command.replace("  ", " "))
+
+    # Each repeat measures every variant again, each right before the other script's run it is compared
+    # with: on a machine whose speed drifts, the ratio within a repeat is steadier than any single time.
+    for repeat in range(args.repeats):
+        suffix = f" #{repeat + 1}" if args.repeats > 1 else ""
+        for name in variants:
+            measure_trainer(name, suffix)
+            if args.compare_script and name in ("plain", "prior preservation"):
+                measure_compare_script(name, suffix)
 
     table = render(rows, floors, gen_runs, args, resolution)
     print(table)
@@ -376,6 +394,17 @@ def render(rows, floors, gen_runs, args, resolution):
                   "MiB | its peak RSS MiB |", "|---|---|---|---|---|---|"]
         lines += [f"| {mine['name']} | {mine['period']:.3f} | {r['period']:.3f} | {mine['period'] / r['period']:.2f} | "
                   f"{mine['rss'] / mib:.0f} | {r['rss'] / mib:.0f} |" for r, mine in compared]
+    if args.repeats > 1:
+        lines += ["", f"Median over the {args.repeats} repeats of each ratio (the ratios of every repeat in brackets):",
+                  "", "| variant | period / floor | CPU / floor CPU, min | trainer / --compare_script |", "|---|---|---|---|"]
+        for name in dict.fromkeys(r["variant"] for r in rows if not r.get("compares")):
+            mine = [r for r in rows if r["variant"] == name and not r.get("compares")]
+            theirs = [(r, m) for r in rows if r.get("compares") for m in mine if m["name"] == r["compares"]]
+            cells = [[r["period"] / r["floor"]["median"] for r in mine],
+                     [r["cpu_min"] / r["floor"]["cpu_min"] for r in mine],
+                     [m["period"] / r["period"] for r, m in theirs]]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{statistics.median(c):.2f} ({', '.join(f'{x:.2f}' for x in c)})" if c else "" for c in cells) + " |")
     if gen_runs:
         def per_cpu(n, cpu):  # --compare_script's CPU time is not known (its progress bar gives wall time)
             return "n/a" if cpu is None else f"{n / cpu:.4f}"

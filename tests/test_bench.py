@@ -2,19 +2,32 @@
 import re
 import sys
 
+import pytest
+
 from conftest import run_cli
 
 
 def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
-    result = run_cli([sys.executable, "bench/benchmark.py", "--quick", "--work", str(tmp_path / "work")])
+    result = run_cli([sys.executable, "bench/benchmark.py", "--quick", "--repeats", "2", "--work",
+                      str(tmp_path / "work")])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| plain |")]
-    assert rows, result.stdout
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    # variant, update s, period s, CPU s, floor, period/floor, CPU/floor CPU median, ... min, RSS MiB, wall s
-    for ratio in cells[5:8]:
-        assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, rows[0]
-    assert float(cells[8]) > 0 and float(cells[9]) > 0, rows[0]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| plain #")]
+    assert len(rows) == 2, result.stdout
+    period_ratios = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        # variant, update s, period s, CPU s, floor, period/floor, CPU/floor CPU median, ... min, RSS MiB, wall s
+        for ratio in cells[5:8]:
+            assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, row
+        assert float(cells[8]) > 0 and float(cells[9]) > 0, row
+        period, floor_period = float(cells[2]), float(cells[4].split(",")[0])
+        period_ratios.append(period / floor_period)
+    # the summary row: the median of the two repeats' ratios, and each of them
+    summary = [line for line in result.stdout.splitlines() if line.startswith("| plain |")]
+    assert len(summary) == 1, result.stdout
+    median, each = re.match(r"\| plain \| ([0-9.]+) \(([0-9., ]+)\)", summary[0]).groups()
+    assert [float(x) for x in each.split(",")] == pytest.approx(period_ratios, abs=0.03)
+    assert float(median) == pytest.approx(sum(period_ratios) / 2, abs=0.03)
 
 
 def test_memory_estimate_matches_docs_for_sd1():
