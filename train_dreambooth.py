@@ -641,13 +641,14 @@ def fold_attention_scale_into_queries(unet):
     """softmax(q k^T * scale) = softmax((q * scale) k^T): with the scale multiplied into the query
     projection's weights once, no sampler step multiplies the score matrices (tokens x tokens per
     head, the largest tensors of the UNet). Equal up to float rounding. Only for the frozen
-    sampling UNet: a trained UNet keeps its own weights."""
+    sampling UNet: a trained UNet keeps its own weights. Only where the plain processor runs: the
+    fused GPU kernels scale inside (flash attention even ignores `attn.scale`)."""
     import paddle
-    from ppdiffusers.models.attention_processor import Attention
+    from ppdiffusers.models.attention_processor import Attention, AttnProcessor
 
     with paddle.no_grad():
         for layer in unet.sublayers():
-            if isinstance(layer, Attention) and layer.scale != 1.0:
+            if isinstance(layer, Attention) and type(layer.processor) is AttnProcessor and layer.scale != 1.0:
                 for p in (layer.to_q.weight, layer.to_q.bias):
                     if p is not None:
                         p.set_value(p * layer.scale)

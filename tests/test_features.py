@@ -232,3 +232,24 @@ def test_class_sampling_unet_draws_the_plain_unets_images_with_less_work(tiny_mo
         np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
     assert sorted(calls) == sorted(list(layers) * 2)  # once per layer and call, not once per step
     assert fast.unet.get_sublayer(sorted(layers)[0]).scale == 1.0
+
+
+def test_attention_scale_stays_where_a_fused_kernel_applies_it(tiny_model):
+    """GPU processors scale inside their kernels (flash attention ignores attn.scale): folding the
+    scale into the query weights there would apply it twice."""
+    from ppdiffusers import UNet2DConditionModel
+    from ppdiffusers.models.attention_processor import XFormersAttnProcessor
+
+    import train_dreambooth
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    names = sorted(n for n, _ in unet.named_sublayers() if n.endswith(("attn1", "attn2")))
+    fused, plain = (unet.get_sublayer(n) for n in names[:2])
+    fused.set_processor(XFormersAttnProcessor())  # set only; never run on this CPU
+    before = {id(layer): (layer.scale, layer.to_q.weight.numpy().copy()) for layer in (fused, plain)}
+    train_dreambooth.fold_attention_scale_into_queries(unet)
+    scale, weight = before[id(fused)]
+    assert fused.scale == scale and np.array_equal(fused.to_q.weight.numpy(), weight)
+    scale, weight = before[id(plain)]
+    assert plain.scale == 1.0 and np.allclose(plain.to_q.weight.numpy(), weight * scale)
+
