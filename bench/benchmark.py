@@ -338,9 +338,10 @@ def main():
         rows.append(dict(name=f"--compare_script, {name}{suffix}", variant=name, update=None, period=period, cpu=None,
                          cpu_min=None, rss=rss, wall=wall, floor_batch=batch, floor=floors[batch][-1],
                          compares=name + suffix))
-        command = f"python {args.compare_script} [same flags] {' '.join(extra)} --noise_offset 0 --max_grad_norm 0"
-        if command.replace("  ", " ") not in commands:
-            commands.append(command.replace("  ", " "))
+        shown = " ".join(extra + ["--noise_offset", "0", "--max_grad_norm", "0"])
+        command = f"python {args.compare_script} [same flags] {shown}"
+        if command not in commands:
+            commands.append(command)
 
     # Each repeat measures every variant again, each right before the other script's run it is compared
     # with: on a machine whose speed drifts, the ratio within a repeat is steadier than any single time.
