@@ -339,7 +339,30 @@ class TrainImage:
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed helpers
+# The machine: CPU kernels, processes
+
+
+def choose_mkl_code_path(environ=os.environ, cpuinfo="/proc/cpuinfo"):
+    """On AMD processors with AVX2, tell MKL to use its AVX2 code; returns the value set, or None.
+
+    The MKL in Paddle's CPU wheels picks its code by the processor's vendor, not its instruction set,
+    and gives AMD processors its slowest code: on the benchmark's AMD EPYC every conv and matmul ran
+    ~2.7x slower, a whole update 1.5-1.8x (bench/RESULTS.md). MKL reads MKL_DEBUG_CPU_TYPE at its
+    first call, so this runs before any Paddle op. Intel processors are left to MKL, and so is a value
+    the user set (an empty one keeps MKL's own choice)."""
+    if "MKL_DEBUG_CPU_TYPE" in environ:
+        return None
+    try:
+        with open(cpuinfo) as f:
+            first_processor = f.read(1 << 16).split("\n\n")[0]
+    except OSError:  # not Linux: leave MKL alone
+        return None
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in first_processor.splitlines() if ":" in line)}
+    if fields.get("vendor_id") == "AuthenticAMD" and "avx2" in fields.get("flags", "").split():
+        environ["MKL_DEBUG_CPU_TYPE"] = "5"
+        return "5"
+    return None
 
 
 def world():
@@ -1081,6 +1104,7 @@ def setup_logging(rank):
 
 
 def main(args):
+    mkl_code_path = choose_mkl_code_path()  # before any Paddle op
     import paddle
     import paddle.distributed as dist
     from ppdiffusers.optimization import get_scheduler
@@ -1090,6 +1114,9 @@ def main(args):
 
     world_size, rank = world()
     setup_logging(rank)
+    if mkl_code_path:
+        logger.info("AMD processor: MKL_DEBUG_CPU_TYPE=%s makes MKL use its AVX2 kernels (set the variable, "
+                    "even empty, to keep MKL's own choice)", mkl_code_path)
     if world_size > 1:
         dist.init_parallel_env()
     args.world_size = world_size

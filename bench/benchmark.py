@@ -34,9 +34,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from train_dreambooth import choose_mkl_code_path  # noqa: E402
 SUBJECT_DIR = os.path.join(ROOT, "examples", "sks_toy")
 PROMPT, CLASS_PROMPT = "a photo of sks toy", "a photo of toy"
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+# Environment overrides for the CPU kernels, by the label the table shows. The trainer (and the floor,
+# which calls the same function) makes MKL use its AVX2 code on AMD processors; an empty
+# MKL_DEBUG_CPU_TYPE keeps MKL's own choice, which is what a bare Paddle loop or another script gets.
+KERNELS = {"": {}, "MKL_DEBUG_CPU_TYPE=": {"MKL_DEBUG_CPU_TYPE": ""},
+           "MKL_DEBUG_CPU_TYPE=5": {"MKL_DEBUG_CPU_TYPE": "5"}}
 # name -> (extra trainer flags, floor batch it compares to, processes)
 VARIANTS = {
     "plain": ([], 1, 1),
@@ -52,6 +59,7 @@ VARIANTS = {
 
 
 def floor(model, batch, height, width, steps, warmup):
+    choose_mkl_code_path()  # the trainer's CPU kernels, unless MKL_DEBUG_CPU_TYPE says otherwise
     import numpy as np
     import paddle
     from ppdiffusers import UNet2DConditionModel
@@ -226,6 +234,9 @@ def main():
     total = args.warmup + args.steps
     load_before = os.getloadavg()
     commands = []
+    # Where the trainer changes MKL's code path (AMD), also measure what the others get without it: the
+    # floor once per batch, and --compare_script both as its users run it and on the trainer's kernels.
+    other_kernels = ["MKL_DEBUG_CPU_TYPE=5"] if choose_mkl_code_path(dict(env)) else []
 
     model = os.path.join(work, f"{size}-sd")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
@@ -236,32 +247,32 @@ def main():
     help_text = subprocess.run([py, "train_dreambooth.py", "--help"], cwd=ROOT, env=env, capture_output=True,
                                text=True).stdout
 
-    def floor_of(batch):
+    def floor_of(batch, kernels=""):
         log = os.path.join(work, f"floor-b{batch}.log")
         cmd = [py, os.path.join(HERE, "benchmark.py"), "--floor", "--model", model, "--batch", str(batch),
                "--resolution", str(resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        rc, wall, rss = run(cmd, env, log)
+        rc, wall, rss = run(cmd, dict(env, **KERNELS[kernels]), log)
         if rc:
             fail(f"the floor (batch {batch})", log)
         with open(log) as f:
             line = [ln for ln in f if ln.startswith("{")][-1]
-        command = (f"python bench/benchmark.py --floor --model MODEL --batch {batch} --resolution {resolution} "
-                   f"--steps {args.steps} --warmup {args.warmup}")
+        command = (f"{kernels} python bench/benchmark.py --floor --model MODEL --batch {batch} "
+                   f"--resolution {resolution} --steps {args.steps} --warmup {args.warmup}").strip()
         if command not in commands:
             commands.append(command)
         found = json.loads(line)
         return dict(median=found["median"], cpu=found["cpu_median"], cpu_min=found["cpu_min"], rss=rss, wall=wall)
 
-    rows, floors = [], {}
+    rows, floors, reference_floors = [], {}, {}  # reference_floors: (batch, kernels) -> floor
     class_dir = os.path.join(work, "class_images")
     gen_runs = []  # (sampler, round, images, seconds, CPU seconds)
     if "prior preservation" in variants:
         # Class images by the trainer's default sampler against the 50 PNDM steps of PaddleMIX's example
         # (its `pipeline(prompts)` call with the model's own scheduler and defaults): that script's own
         # generation with --compare_script, else the trainer's generation with that sampler.
-        baseline = ("compare", 50) if args.compare_script else ("model", 50)
+        baselines = [("compare", 50, k) for k in [""] + other_kernels] if args.compare_script else [("model", 50, "")]
         for round_ in range(args.class_rounds):
-            for sampler, sampler_steps in (("dpm_solver", 25), baseline):
+            for sampler, sampler_steps, kernels in [("dpm_solver", 25, "")] + baselines:
                 folder = class_dir if sampler == "dpm_solver" else os.path.join(work, "class_images_pndm")
                 for name in os.listdir(folder) if os.path.isdir(folder) else []:
                     os.remove(os.path.join(folder, name))
@@ -270,16 +281,17 @@ def main():
                     log = os.path.join(work, "gen-compare.log")
                     flags = compare_flags(model, out, resolution, 1) + ["--with_prior_preservation"] + \
                         class_flags(folder, args.class_images) + ["--sample_batch_size", "4"]
-                    rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
+                    rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags,
+                                        dict(env, **KERNELS[kernels]), log)
                     if rc:
                         fail("--compare_script's class-image generation", log)
                     seconds = tqdm_seconds(log, "Generating class images")
-                    gen_runs.append((f"--compare_script, {sampler_steps} steps", round_ + 1, args.class_images,
-                                     seconds, None))
+                    gen_runs.append((f"--compare_script, {sampler_steps} steps{with_label(kernels)}", round_ + 1,
+                                     args.class_images, seconds, None))
                     if round_ == 0:
-                        commands.append(f"python {args.compare_script} [same flags] --with_prior_preservation "
-                                        f"--num_class_images {args.class_images} --sample_batch_size 4 "
-                                        "--max_train_steps 1")
+                        commands.append((f"{kernels} python {args.compare_script} [same flags] "
+                                         f"--with_prior_preservation --num_class_images {args.class_images} "
+                                         "--sample_batch_size 4 --max_train_steps 1").strip())
                     continue
                 flags = trainer_flags(model, out, resolution, 1, help_text) + ["--with_prior_preservation"] + \
                     class_flags(folder, args.class_images) + ["--class_sampler", sampler, "--class_inference_steps",
@@ -301,6 +313,9 @@ def main():
         extra, batch, procs = VARIANTS[name]
         # The floor runs right before each variant, so that both see the same load on a shared machine.
         floors.setdefault(batch, []).append(floor_of(batch))
+        for kernels in ["MKL_DEBUG_CPU_TYPE="] if other_kernels else []:
+            if (batch, kernels) not in reference_floors:
+                reference_floors[batch, kernels] = floor_of(batch, kernels)
         out = os.path.join(work, "run-" + name.replace(" ", "_"))
         flags = trainer_flags(model, out, resolution, total, help_text) + extra
         if "--with_prior_preservation" in extra:
@@ -321,7 +336,7 @@ def main():
         if command not in commands:
             commands.append(command)
 
-    def measure_compare_script(name, suffix):
+    def measure_compare_script(name, suffix, kernels):
         """The other script on the same model, data and flags (with prior preservation on the class
         images generated above, so that it generates none)."""
         extra, batch, _ = VARIANTS[name]
@@ -331,15 +346,15 @@ def main():
         if "--with_prior_preservation" in extra:
             flags += class_flags(class_dir, args.class_images)
         log = os.path.join(work, f"run-compare-{name.replace(' ', '_')}.log")
-        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, env, log)
+        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, dict(env, **KERNELS[kernels]), log)
         if rc:
             fail(f"--compare_script ({name})", log)
         _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
-        rows.append(dict(name=f"--compare_script, {name}{suffix}", variant=name, update=None, period=period, cpu=None,
-                         cpu_min=None, rss=rss, wall=wall, floor_batch=batch, floor=floors[batch][-1],
-                         compares=name + suffix))
+        rows.append(dict(name=f"--compare_script, {name}{suffix}{with_label(kernels)}", variant=name, update=None,
+                         period=period, cpu=None, cpu_min=None, rss=rss, wall=wall, floor_batch=batch,
+                         floor=floors[batch][-1], compares=name + suffix, kernels=kernels))
         shown = " ".join(extra + ["--noise_offset", "0", "--max_grad_norm", "0"])
-        command = f"python {args.compare_script} [same flags] {shown}"
+        command = f"{kernels} python {args.compare_script} [same flags] {shown}".strip()
         if command not in commands:
             commands.append(command)
 
@@ -350,9 +365,10 @@ def main():
         for name in variants:
             measure_trainer(name, suffix)
             if args.compare_script and name in ("plain", "prior preservation"):
-                measure_compare_script(name, suffix)
+                for kernels in [""] + other_kernels:
+                    measure_compare_script(name, suffix, kernels)
 
-    table = render(rows, floors, gen_runs, args, resolution)
+    table = render(rows, floors, reference_floors, gen_runs, args, resolution)
     print(table)
     if results:
         write_results(results, table, commands, args, size, resolution, load_before, os.getloadavg())
@@ -363,7 +379,11 @@ def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
 
-def render(rows, floors, gen_runs, args, resolution):
+def with_label(kernels):
+    return f", {kernels}" if kernels else ""
+
+
+def render(rows, floors, reference_floors, gen_runs, args, resolution):
     mib = 2**20
     lines = [f"Seconds per optimizer update over {args.steps} updates after {args.warmup} warm-up updates; "
              f"{resolution}x{resolution}, batch 1 per process, OMP_NUM_THREADS={args.threads}. update: median of the "
@@ -378,6 +398,9 @@ def render(rows, floors, gen_runs, args, resolution):
         for i, f in enumerate(runs):
             lines.append(f"| floor, batch {b}, run {i + 1} | {f['median']:.3f} | | {f['cpu']:.3f} / {f['cpu_min']:.3f} "
                          f"| | | | | {f['rss'] / mib:.0f} | {f['wall']:.1f} |")
+    for (b, kernels), f in sorted(reference_floors.items()):
+        lines.append(f"| floor, batch {b}, {kernels} (MKL's own code path, for reference) | {f['median']:.3f} | | "
+                     f"{f['cpu']:.3f} / {f['cpu_min']:.3f} | | | | | {f['rss'] / mib:.0f} | {f['wall']:.1f} |")
     for r in rows:
         f = r["floor"]
 
@@ -393,14 +416,16 @@ def render(rows, floors, gen_runs, args, resolution):
     if compared:
         lines += ["", "| against --compare_script | trainer period s | its period s | trainer / it | trainer peak RSS "
                   "MiB | its peak RSS MiB |", "|---|---|---|---|---|---|"]
-        lines += [f"| {mine['name']} | {mine['period']:.3f} | {r['period']:.3f} | {mine['period'] / r['period']:.2f} | "
-                  f"{mine['rss'] / mib:.0f} | {r['rss'] / mib:.0f} |" for r, mine in compared]
+        lines += [f"| {mine['name']}{with_label(r['kernels'])} | {mine['period']:.3f} | {r['period']:.3f} | "
+                  f"{mine['period'] / r['period']:.2f} | {mine['rss'] / mib:.0f} | {r['rss'] / mib:.0f} |"
+                  for r, mine in compared]
     if args.repeats > 1:
         lines += ["", f"Median over the {args.repeats} repeats of each ratio (the ratios of every repeat in brackets):",
                   "", "| variant | period / floor | CPU / floor CPU, min | trainer / --compare_script |", "|---|---|---|---|"]
         for name in dict.fromkeys(r["variant"] for r in rows if not r.get("compares")):
             mine = [r for r in rows if r["variant"] == name and not r.get("compares")]
-            theirs = [(r, m) for r in rows if r.get("compares") for m in mine if m["name"] == r["compares"]]
+            theirs = [(r, m) for r in rows if r.get("compares") and not r["kernels"]
+                      for m in mine if m["name"] == r["compares"]]
             cells = [[r["period"] / r["floor"]["median"] for r in mine],
                      [r["cpu_min"] / r["floor"]["cpu_min"] for r in mine],
                      [m["period"] / r["period"] for r, m in theirs]]
@@ -419,10 +444,12 @@ def render(rows, floors, gen_runs, args, resolution):
             total[0], total[1] = total[0] + n, total[1] + s
             total[2] = None if cpu is None or total[2] is None else total[2] + cpu
         lines += [f"| {name} | all | {n:.0f} | {n / s:.4f} | {per_cpu(n, cpu)} |" for name, (n, s, cpu) in pooled.items()]
-        (fast, (nf, sf, cf)), (slow, (ns, ss, cs)) = pooled.items()
-        per_cpu_ratio = "" if cs is None else f", {(nf / cf) / (ns / cs):.2f}x per CPU second"
-        lines += ["", f"Class images, {fast} against {slow}, all rounds: {(nf / sf) / (ns / ss):.2f}x the images per "
-                  f"second (wall){per_cpu_ratio}."]
+        (fast, (nf, sf, cf)), *baselines = pooled.items()
+        lines.append("")
+        for slow, (ns, ss, cs) in baselines:
+            per_cpu_ratio = "" if cs is None else f", {(nf / cf) / (ns / cs):.2f}x per CPU second"
+            lines.append(f"Class images, {fast} against {slow}, all rounds: {(nf / sf) / (ns / ss):.2f}x the images "
+                         f"per second (wall){per_cpu_ratio}.")
     return "\n".join(lines)
 
 

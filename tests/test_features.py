@@ -253,3 +253,25 @@ def test_attention_scale_stays_where_a_fused_kernel_applies_it(tiny_model):
     scale, weight = before[id(plain)]
     assert plain.scale == 1.0 and np.allclose(plain.to_q.weight.numpy(), weight * scale)
 
+
+
+AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nvendor_id\t: Auth"
+
+
+@pytest.mark.parametrize("cpuinfo, environ, chosen", [
+    (AMD_AVX2, {}, "5"),  # a later processor's block cut off mid-line does not matter
+    (AMD_AVX2.replace(" avx2", ""), {}, None),  # no AVX2 code for MKL to run
+    (AMD_AVX2.replace("AuthenticAMD", "GenuineIntel"), {}, None),  # MKL already picks Intel's best code
+    (AMD_AVX2, {"MKL_DEBUG_CPU_TYPE": ""}, None),  # the user's choice, even empty, stands
+    (AMD_AVX2, {"MKL_DEBUG_CPU_TYPE": "4"}, None),
+    (None, {}, None),  # no /proc/cpuinfo: not Linux
+])
+def test_mkl_is_told_to_run_its_avx2_code_on_amd_processors_only(tmp_path, cpuinfo, environ, chosen):
+    from train_dreambooth import choose_mkl_code_path
+
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    before = dict(environ)
+    assert choose_mkl_code_path(environ, str(path)) == chosen
+    assert environ == (dict(before, MKL_DEBUG_CPU_TYPE=chosen) if chosen else before)
