@@ -347,7 +347,7 @@ def choose_mkl_code_path(environ=os.environ, cpuinfo="/proc/cpuinfo"):
 
     The MKL in Paddle's CPU wheels picks its code by the processor's vendor, not its instruction set,
     and gives AMD processors its slowest code: on the benchmark's AMD EPYC every conv and matmul ran
-    ~2.7x slower, a whole update 1.5-1.8x (bench/RESULTS.md). MKL reads MKL_DEBUG_CPU_TYPE at its
+    ~2.5x slower, a whole update 1.5-1.9x (bench/RESULTS.md). MKL reads MKL_DEBUG_CPU_TYPE at its
     first call, so this runs before any Paddle op. Intel processors are left to MKL, and so is a value
     the user set (an empty one keeps MKL's own choice)."""
     if "MKL_DEBUG_CPU_TYPE" in environ:

@@ -17,7 +17,10 @@ wall time of the command (start-up, caching and saving included). The floor runs
 each variant, so both see the same load.
 Also measures class-image generation (images/s, --class_rounds rounds): the trainer's default sampler against 50 PNDM
 steps at equal batch size (with --compare_script: that script's own generation, timed by its progress
-bar). --repeats N measures every variant N times, alternating, and adds the median of each ratio over
+bar). On AMD processors the trainer makes MKL run its AVX2 code (train_dreambooth.choose_mkl_code_path), and
+the floor does the same; there the benchmark also measures the floor once per batch on MKL's own code path, and
+runs --compare_script both as its users run it and with MKL_DEBUG_CPU_TYPE=5, the trainer's kernels.
+--repeats N measures every variant N times, alternating, and adds the median of each ratio over
 the repeats: this machine's speed drifts by 10-20% within minutes, so one run's ratio can land on
 either side of a target. Writes the table into bench/RESULTS.md between its markers (--results;
 --quick writes none unless asked).
