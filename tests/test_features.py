@@ -254,7 +254,6 @@ def test_attention_scale_stays_where_a_fused_kernel_applies_it(tiny_model):
     assert plain.scale == 1.0 and np.allclose(plain.to_q.weight.numpy(), weight * scale)
 
 
-
 AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nvendor_id\t: Auth"
 
 
