@@ -21,14 +21,17 @@ def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
         for ratio in cells[5:8]:
             assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, row
         assert float(cells[8]) > 0 and float(cells[9]) > 0, row
-        period, floor_period = float(cells[2]), float(cells[4].split(",")[0])
-        period_ratios.append(period / floor_period)
+        # period / floor from the shown times, which are rounded to 1 ms: on the tiny model that alone is a few %
+        period, floor_period, ratio = float(cells[2]), float(cells[4].split(",")[0]), float(cells[5])
+        rounding = period / floor_period * (0.0005 / period + 0.0005 / floor_period) + 0.005
+        assert abs(ratio - period / floor_period) <= rounding, row
+        period_ratios.append(cells[5])
     # the summary row: the median of the two repeats' ratios, and each of them
     summary = [line for line in result.stdout.splitlines() if line.startswith("| plain |")]
     assert len(summary) == 1, result.stdout
     median, each = re.match(r"\| plain \| ([0-9.]+) \(([0-9., ]+)\)", summary[0]).groups()
-    assert [float(x) for x in each.split(",")] == pytest.approx(period_ratios, abs=0.03)
-    assert float(median) == pytest.approx(sum(period_ratios) / 2, abs=0.03)
+    assert [x.strip() for x in each.split(",")] == period_ratios
+    assert float(median) == pytest.approx(sum(map(float, period_ratios)) / 2, abs=0.0101)  # two roundings
     from train_dreambooth import choose_mkl_code_path
 
     if choose_mkl_code_path(dict(os.environ)):  # AMD: the trainer's kernels differ from a bare Paddle loop's
