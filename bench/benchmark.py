@@ -42,11 +42,6 @@ from train_dreambooth import choose_mkl_code_path  # noqa: E402
 SUBJECT_DIR = os.path.join(ROOT, "examples", "sks_toy")
 PROMPT, CLASS_PROMPT = "a photo of sks toy", "a photo of toy"
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-# Environment overrides for the CPU kernels, by the label the table shows. The trainer (and the floor,
-# which calls the same function) makes MKL use its AVX2 code on AMD processors; an empty
-# MKL_DEBUG_CPU_TYPE keeps MKL's own choice, which is what a bare Paddle loop or another script gets.
-KERNELS = {"": {}, "MKL_DEBUG_CPU_TYPE=": {"MKL_DEBUG_CPU_TYPE": ""},
-           "MKL_DEBUG_CPU_TYPE=5": {"MKL_DEBUG_CPU_TYPE": "5"}}
 # name -> (extra trainer flags, floor batch it compares to, processes)
 VARIANTS = {
     "plain": ([], 1, 1),
@@ -98,6 +93,13 @@ def floor(model, batch, height, width, steps, warmup):
 
 # ----------------------------------------------------------------------------------------------
 # Running and measuring a command
+
+
+def with_kernels(env, kernels):
+    """env plus the assignment a kernels label shows ("MKL_DEBUG_CPU_TYPE=5"; "" adds nothing). The trainer
+    (and the floor, which calls the same function) makes MKL use its AVX2 code on AMD processors; an empty
+    MKL_DEBUG_CPU_TYPE keeps MKL's own choice, which is what a bare Paddle loop or another script gets."""
+    return dict(env, **dict([kernels.split("=", 1)])) if kernels else env
 
 
 def child_env(threads):
@@ -254,7 +256,7 @@ def main():
         log = os.path.join(work, f"floor-b{batch}.log")
         cmd = [py, os.path.join(HERE, "benchmark.py"), "--floor", "--model", model, "--batch", str(batch),
                "--resolution", str(resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        rc, wall, rss = run(cmd, dict(env, **KERNELS[kernels]), log)
+        rc, wall, rss = run(cmd, with_kernels(env, kernels), log)
         if rc:
             fail(f"the floor (batch {batch})", log)
         with open(log) as f:
@@ -285,7 +287,7 @@ def main():
                     flags = compare_flags(model, out, resolution, 1) + ["--with_prior_preservation"] + \
                         class_flags(folder, args.class_images) + ["--sample_batch_size", "4"]
                     rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags,
-                                        dict(env, **KERNELS[kernels]), log)
+                                        with_kernels(env, kernels), log)
                     if rc:
                         fail("--compare_script's class-image generation", log)
                     seconds = tqdm_seconds(log, "Generating class images")
@@ -348,7 +350,7 @@ def main():
         if "--with_prior_preservation" in extra:
             flags += class_flags(class_dir, args.class_images)
         log = os.path.join(work, f"run-compare-{name.replace(' ', '_')}.log")
-        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, dict(env, **KERNELS[kernels]), log)
+        rc, wall, rss = run([py, os.path.abspath(args.compare_script)] + flags, with_kernels(env, kernels), log)
         if rc:
             fail(f"--compare_script ({name})", log)
         _, period, _ = step_times(os.path.join(out, "logs"), "train/step_loss", args.warmup, with_values=False)
