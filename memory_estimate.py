@@ -43,6 +43,16 @@ def unet_activation_elements(config, height, width, tokens, checkpointing=False,
     return sum(inp for _, inp in blocks) + max(kept for kept, _ in blocks)
 
 
+def efficient_attention_in_use(unet):
+    """Whether the UNet's attention runs a fused kernel. ppdiffusers picks its memory-efficient kernel by
+    default wherever the build has one (USE_PPXFORMERS=0 in the environment turns that off), so this
+    is read from the layers themselves, not from --enable_xformers_memory_efficient_attention."""
+    from ppdiffusers.models.attention_processor import Attention, AttnProcessor
+
+    return any(isinstance(layer, Attention) and type(layer.processor) is not AttnProcessor
+               for layer in unet.sublayers())
+
+
 def estimate(unet, text_encoder, vae, trained_params, text_trained_params, args, latent_hw, tokens):
     """Rows (label, bytes) and a closing note; `trained_params` counts the UNet's trained parameters
     (all of them, or the LoRA adapters), `text_trained_params` the text encoder's (0 when frozen)."""
@@ -54,7 +64,7 @@ def estimate(unet, text_encoder, vae, trained_params, text_trained_params, args,
     unet_base = n_unet - trained_params  # LoRA's frozen UNet stays fp32 in this trainer
     act_bytes = 2 if half else 4
     acts = unet_activation_elements(dict(unet.config), latent_hw[0], latent_hw[1], tokens,
-                                    args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention)
+                                    args.gradient_checkpointing, efficient_attention_in_use(unet))
     batch = args.train_batch_size * (2 if args.with_prior_preservation else 1)
     what = ("UNet LoRA adapters" if args.use_lora else "UNet") + (" + text encoder" if text_trained_params else "")
     rows = [

@@ -44,6 +44,9 @@ TEXT_ENCODER_LORA = "text_encoder_lora_weights.safetensors"
 PIPELINE_ENTRIES = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
                     "image_encoder"}
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+# Updates skipped in a row (non-finite loss, fp16 overflow) before a run counts as diverged. fp16's
+# loss scale starts high and halves on every other overflow, so a healthy run skips a few at most.
+MAX_CONSECUTIVE_SKIPS = 25
 # Independent random streams, so that e.g. changing augmentation never changes the noise.
 ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
 # Flags that must match between a run and its resumption: they change which batch, noise or
@@ -435,23 +438,62 @@ def load_models(args, resume_from=None):
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
-def setup_mixed_precision(args, frozen_models):
-    """(autocast context factory, GradScaler or None). Trained weights stay fp32 (AMP O1); on a GPU
-    the frozen models are held in the half dtype. CPUs have no fp16 training kernels."""
+# Compute capability each half dtype needs for Paddle's AMP on NVIDIA GPUs (below it, Paddle only
+# warns and trains in fp32, after the frozen models were already cast: the first step would fail).
+AMP_MIN_CAPABILITY = {"float16": (7, 0), "bfloat16": (8, 0)}
+
+
+def amp_dtype(mixed_precision):
+    """The half dtype of --mixed_precision (None for "no"), after checking that this device runs it:
+    one line before anything is loaded or cast, instead of Paddle's warning and a failed first step."""
     import paddle
 
-    if args.mixed_precision == "no":
-        return contextlib.nullcontext, None
-    on_gpu = paddle.device.get_device().startswith("gpu")
-    if args.mixed_precision == "fp16" and not on_gpu:
-        raise DreamBoothError("--mixed_precision fp16 needs a GPU (Paddle has no fp16 training kernels on CPU); "
-                              "use --mixed_precision bf16 or no")
-    dtype = "float16" if args.mixed_precision == "fp16" else "bfloat16"
-    if on_gpu:
-        for model in frozen_models:
-            model.to(dtype=dtype)
-    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if dtype == "float16" else None
-    return (lambda: paddle.amp.auto_cast(dtype=dtype, level="O1")), scaler
+    if mixed_precision == "no":
+        return None
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}[mixed_precision]
+    device = paddle.device.get_device()
+    if device.startswith("cpu"):
+        raise DreamBoothError(f"--mixed_precision {mixed_precision}: Paddle's mixed precision runs on a GPU only "
+                              "(on a CPU it would silently train in fp32); drop the flag")
+    if device.startswith("gpu") and not paddle.is_compiled_with_rocm():
+        capability = tuple(paddle.device.cuda.get_device_capability())
+        needed = AMP_MIN_CAPABILITY[dtype]
+        if capability < needed:
+            fallback = "fp16" if dtype == "bfloat16" and capability >= AMP_MIN_CAPABILITY["float16"] else "no"
+            raise DreamBoothError(
+                f"--mixed_precision {mixed_precision}: this GPU ({paddle.device.cuda.get_device_name()}, compute "
+                f"capability {capability[0]}.{capability[1]}) has no {dtype} support (it needs {needed[0]}.{needed[1]} "
+                f"or newer); use --mixed_precision {fallback}")
+    return dtype
+
+
+def autocast_factory(dtype):
+    """The precision context of every forward pass, training and sampling alike. Trained weights stay
+    fp32 (AMP O1); only the frozen models are held in the half dtype."""
+    import paddle
+
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: paddle.amp.auto_cast(dtype=dtype, level="O1")
+
+
+def grad_scaler(dtype):
+    """fp16 needs loss scaling; bf16 has fp32's range and does not."""
+    import paddle
+
+    return paddle.amp.GradScaler(init_loss_scaling=2.0**15) if dtype == "float16" else None
+
+
+def optimizer_step(optimizer, scaler):
+    """One optimizer step; False when the GradScaler skipped it because fp16 gradients overflowed."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    scaler.step(optimizer)
+    # Paddle records the overflow check of this step here (a bool or a bool tensor); no public accessor.
+    overflowed = bool(getattr(scaler, "_cache_found_inf", False))
+    scaler.update()
+    return not overflowed
 
 
 def enable_memory_efficient_attention(unet):
@@ -625,18 +667,17 @@ def check_class_dir_prompt(concept):
                        "per class prompt", concept["class_data_dir"])
 
 
-def load_sampling_pipeline(args):
-    """The base model for class images: no safety checker, the fast sampler, half precision on GPU,
-    and a UNet that skips work repeated at every sampler step."""
+def load_sampling_pipeline(args, dtype):
+    """The base model for class images: no safety checker, the fast sampler, the half dtype of
+    --mixed_precision (if any), and a UNet that skips work repeated at every sampler step."""
     import paddle
     import ppdiffusers
     from ppdiffusers import StableDiffusionPipeline
 
-    dtype = paddle.float16 if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
                                                        requires_safety_checker=False,
-                                                       **({"paddle_dtype": dtype} if dtype else {}))
+                                                       **({"paddle_dtype": getattr(paddle, dtype)} if dtype else {}))
     except Exception as e:
         raise DreamBoothError(f"cannot load {args.pretrained_model_name_or_path} to generate class images "
                               f"({first_line(e)}); check --pretrained_model_name_or_path") from e
@@ -688,7 +729,7 @@ def remember_last_output(forward):
     return forward_once
 
 
-def generate_class_images(concept, args, world_size, rank, pipe=None):
+def generate_class_images(concept, args, world_size, rank, precision, pipe=None):
     """Fill the concept's class_data_dir up to --num_class_images with base-model images of its
     class prompt. Returns the sampling pipeline, loaded on first need, for the next concept."""
     import paddle
@@ -700,7 +741,8 @@ def generate_class_images(concept, args, world_size, rank, pipe=None):
     missing = wanted - len(list_images(folder, "--class_data_dir", must_exist=False))
     if missing <= 0:
         return pipe
-    pipe = pipe or load_sampling_pipeline(args)  # a broken model fails here, before anything is written
+    dtype, autocast = precision
+    pipe = pipe or load_sampling_pipeline(args, dtype)  # a broken model fails here, before anything is written
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):  # images a killed run left half-written
         if name.endswith(".png.tmp"):
@@ -716,8 +758,9 @@ def generate_class_images(concept, args, world_size, rank, pipe=None):
             batch = mine[start:start + args.sample_batch_size]
             # One generator per image: an image depends on the seed and its index, not on rank or batching.
             generators = [paddle.Generator().manual_seed(args.seed + i) for i in batch]
-            images = pipe([prompt] * len(batch), height=args.height, width=args.width, generator=generators,
-                          num_inference_steps=args.class_inference_steps).images
+            with autocast():
+                images = pipe([prompt] * len(batch), height=args.height, width=args.width, generator=generators,
+                              num_inference_steps=args.class_inference_steps).images
             for i, image in zip(batch, images):
                 path = os.path.join(folder, class_image_name(prompt, i))
                 image.save(path + ".tmp", format="PNG")  # not *.png until complete
@@ -747,11 +790,12 @@ def load_instances(concepts, args):
     return instances
 
 
-def load_classes(concepts, args, world_size, rank):
-    """The class images of every concept as TrainImages, generating the missing ones first."""
+def load_classes(concepts, args, world_size, rank, precision):
+    """The class images of every concept as TrainImages, generating the missing ones first
+    (precision: the half dtype or None, and the autocast factory of training)."""
     pipe, classes = None, []
     for concept in concepts:
-        pipe = generate_class_images(concept, args, world_size, rank, pipe)
+        pipe = generate_class_images(concept, args, world_size, rank, precision, pipe)
     del pipe
     barrier()  # every rank waits until all class images are on disk
     for concept in concepts:
@@ -859,9 +903,27 @@ def saving(what):
                               "free disk space and resume with --resume_from_checkpoint latest") from e
 
 
+@contextlib.contextmanager
+def on_host():
+    """Create tensors in host memory for a while (e.g. base components loaded only to be saved), so
+    that a save never takes device memory from training."""
+    import paddle
+
+    device = paddle.device.get_device()
+    paddle.device.set_device("cpu")
+    try:
+        yield
+    finally:
+        paddle.device.set_device(device)
+
+
 def save_pipeline(args, unet, text_encoder, tokenizer, folder):
     """Write what the run produces: a full ppdiffusers pipeline (the trained UNet and text encoder, the
-    rest from the base), or with --use_lora a LoRA weights file that load_lora_weights reads."""
+    rest from the base), or with --use_lora a LoRA weights file that load_lora_weights reads.
+
+    Only trained models are saved from memory. A frozen model in memory may be held in a half dtype
+    (--mixed_precision), and a pipeline saved from it would load in half and fail next to the fp32
+    UNet; so every other component is the base's own, loaded on the host: exactly its fp32 weights."""
     from ppdiffusers import StableDiffusionPipeline
     from ppdiffusers.training_utils import unwrap_model
 
@@ -875,8 +937,10 @@ def save_pipeline(args, unet, text_encoder, tokenizer, folder):
             save_file({k: v.numpy() for k, v in text_state.items()}, os.path.join(folder, TEXT_ENCODER_LORA),
                       metadata={"format": "pd"})
         return
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
-                                                   text_encoder=text_encoder, tokenizer=tokenizer)
+    trained = dict(unet=unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {}))
+    with on_host():
+        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, tokenizer=tokenizer,
+                                                       **trained)
     pipe.save_pretrained(folder)
 
 
@@ -898,11 +962,24 @@ def rename_state(state, mapping):
     return renamed
 
 
-def save_rng_state(path):
+def paddle_generators():
+    """{kind: generator} of the Paddle generators this process draws from: the host's, and its own
+    GPU's. paddle.get_rng_state() would return one state per visible GPU, which a resume with a
+    different number of visible GPUs could not set back."""
     import paddle
+    from paddle.base import core
 
+    generators = {"cpu": core.default_cpu_generator()}
+    device = paddle.device.get_device()
+    if device.startswith("gpu"):
+        generators["gpu"] = core.default_cuda_generator(int(device.partition(":")[2] or 0))
+    return generators
+
+
+def save_rng_state(path):
     with open(path, "wb") as f:
-        pickle.dump(dict(python=random.getstate(), numpy=np.random.get_state(), paddle=paddle.get_rng_state()), f)
+        pickle.dump(dict(python=random.getstate(), numpy=np.random.get_state(),
+                         paddle={kind: g.get_state() for kind, g in paddle_generators().items()}), f)
 
 
 def load_rng_state(path):
@@ -912,10 +989,18 @@ def load_rng_state(path):
         state = pickle.load(f)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    paddle.set_rng_state(state["paddle"])
+    if isinstance(state["paddle"], list):  # written by an earlier version: every generator of the device
+        paddle.set_rng_state(state["paddle"])
+        return
+    generators = paddle_generators()
+    for kind, saved in state["paddle"].items():
+        if kind in generators:
+            generators[kind].set_state(saved)
+        else:  # a GPU run resumed on a CPU: dropout draws differ, everything keyed by the seed does not
+            logger.warning("%s: no %s here to restore the random state of; resuming with a fresh one", path, kind)
 
 
-def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models):
+def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, scaler, position, models):
     """output_dir/checkpoint-<step>: a loadable pipeline plus everything needed to resume exactly.
 
     Called on every rank: each writes its own RNG state; rank 0 writes the rest."""
@@ -936,7 +1021,7 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
             if args.use_lora:  # the exact trained values, unscaled, for resuming
                 paddle.save(lora_training_state(models), os.path.join(tmp, "lora_training_state.pdparams"))
             state = dict(position, lr_scheduler=lr_scheduler.state_dict(), world_size=world_size,
-                         args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
+                         grad_scaler=scaler_state(scaler), args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
         barrier()
@@ -946,6 +1031,19 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
                 for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
                     shutil.rmtree(old)
             logger.info("Saved checkpoint %s", final)
+
+
+def scaler_state(scaler):
+    """The GradScaler's loss scale and counters as JSON (None without fp16): without them a resumed
+    fp16 run would start again from the initial scale and skip updates the uninterrupted run did not."""
+    if scaler is None:
+        return None
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in scaler.state_dict().items()}
+
+
+def restore_scaler(scaler, state):
+    if scaler is not None and state:
+        scaler.load_state_dict(dict(state, scale=np.asarray(state["scale"], dtype=np.float32)))
 
 
 def checkpoint_step(name):
@@ -985,23 +1083,18 @@ def save_final(args, unet, text_encoder, tokenizer):
         logger.info("Saved the trained pipeline to %s", args.output_dir)
 
 
-def export_result(args, unet, text_encoder, vae):
-    """--export_single_file: the saved result as output_dir/<its name>.safetensors for WebUI / ComfyUI."""
-    import paddle
-    from ppdiffusers import AutoencoderKL
-    from ppdiffusers.training_utils import unwrap_model
-
+def export_result(args):
+    """--export_single_file: the saved result as output_dir/<its name>.safetensors for WebUI / ComfyUI.
+    Read from what save_final just wrote, never from memory, where frozen models may be held in half."""
     import export_single_file
 
     out = export_single_file.default_out_path(args.output_dir)
     try:
-        if args.use_lora:  # from the LoRA file save_final just wrote
+        if args.use_lora:
             summary = export_single_file.export_lora(args.output_dir, out, half=args.export_half)
-        else:  # the saved pipeline's VAE is the base's; a GPU run holds it in half precision
-            vae = vae if vae.dtype == paddle.float32 else AutoencoderKL.from_pretrained(
-                args.pretrained_model_name_or_path, subfolder="vae")
-            summary = export_single_file.export_models(unwrap_model(unet), vae, unwrap_model(text_encoder),
-                                                       out, half=args.export_half)
+        else:
+            with on_host():  # a second UNet on the device next to the trained one and its optimizer states
+                summary = export_single_file.export_pipeline(args.output_dir, out, half=args.export_half)
     except (OSError, ValueError) as e:
         raise DreamBoothError(f"--export_single_file: could not write {out} ({getattr(e, 'strerror', None) or e}); "
                               f"the trained model is saved in {args.output_dir}, and python export_single_file.py "
@@ -1035,7 +1128,7 @@ def image_grid(rows, pad=4):
     return grid
 
 
-def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, step):
+def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, step, autocast):
     """Sample the validation prompts with the models in memory (no copy of the weights) and write
     output_dir/validation/step-<N>.png. Image i of every prompt and step starts from seed + i, so
     grids are comparable across steps. Training state (modes, RNG) is left as it was."""
@@ -1052,7 +1145,7 @@ def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, 
     unet.eval()
     text_encoder.eval()
     rows = []
-    with paddle.no_grad():
+    with paddle.no_grad(), autocast():  # frozen models may be held in half, as in training
         for prompt in args.validation_prompt:
             generators = [paddle.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
             images = pipe([prompt] * args.num_validation_images, height=args.height, width=args.width,
@@ -1131,12 +1224,14 @@ def main(args):
     paddle.seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    dtype = amp_dtype(args.mixed_precision)  # before anything is loaded, generated or cast
+    autocast = autocast_factory(dtype)
 
     # --- Data: every input is checked before anything is written.
     concepts = read_concepts(args)
     instances = load_instances(concepts, args)
     check_output_dir(args, resume_from)
-    classes = load_classes(concepts, args, world_size, rank) if args.with_prior_preservation else []
+    classes = load_classes(concepts, args, world_size, rank, (dtype, autocast)) if args.with_prior_preservation else []
     num_items = max(len(instances), len(classes))
     logger.info("%d instance images, %d class images, %d examples per epoch", len(instances), len(classes),
                 num_items)
@@ -1170,7 +1265,10 @@ def main(args):
             saved = paddle.load(os.path.join(resume_from, "lora_training_state.pdparams"))
             for name, p in lora_training_state(models).items():
                 p.set_value(saved[name])
-    autocast, scaler = setup_mixed_precision(args, [vae] + ([] if args.train_text_encoder else [text_encoder]))
+    if dtype:  # trained weights stay fp32; frozen ones only ever run forward
+        for model in [vae] + ([] if args.train_text_encoder else [text_encoder]):
+            model.to(dtype=dtype)
+    scaler = grad_scaler(dtype)
     if args.enable_xformers_memory_efficient_attention:
         enable_memory_efficient_attention(unet)
     if args.gradient_checkpointing:
@@ -1228,9 +1326,11 @@ def main(args):
         epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm else None)
 
-    position = dict(global_step=0, epoch=0, batch=0)
+    # The one record of training progress: updates made, where the data stream stands (an update
+    # skipped for a non-finite loss or an fp16 overflow consumes its batches but is no update).
+    position = dict(global_step=0, epoch=0, batch=0, skipped_updates=0)
     if resume_from:
-        position = restore_training_state(resume_from, resume_state, optimizer, lr_scheduler, models, rank)
+        position = restore_training_state(resume_from, resume_state, optimizer, lr_scheduler, scaler, models, rank)
         logger.info("Resuming from %s at update %d", resume_from, position["global_step"])
 
     if world_size > 1:
@@ -1312,12 +1412,12 @@ def main(args):
     global_step = position["global_step"]
     stop = global_step >= args.max_train_steps
     validated_at = None  # the final model is not validated twice
+    consecutive_skips = 0
     with stop_signals() as stop_signal, tqdm(total=args.max_train_steps, initial=position["global_step"],
                                              desc="steps", disable=rank != 0) as bar:
         started, update_seconds = time.time(), []
-        for epoch in range(position["epoch"], num_epochs):
-            if stop:
-                break
+        epoch = position["epoch"]
+        while not stop:  # past num_epochs only when skipped updates must be made up
             order = epoch_batches(num_items, epoch, args.seed, global_batch)
             first_batch = position["batch"] if epoch == position["epoch"] else 0
             batches = prefetch(lambda b: prepare_batch(epoch, b), range(first_batch, batches_per_epoch),
@@ -1338,43 +1438,55 @@ def main(args):
                 # One small all-reduce per update: every rank logs the global mean loss and takes the
                 # same decision on a non-finite loss or a stop signal.
                 group_loss, signalled = agree_across_ranks(group_loss, stop_signal)
-                if not math.isfinite(group_loss):
-                    if not args.skip_nonfinite_steps:
-                        raise DreamBoothError(f"loss is {group_loss} at update {global_step + 1}; nothing from this "
-                                              "update was saved; lower --learning_rate, or pass --skip_nonfinite_steps")
-                    logger.warning("loss is %s at update %d: update skipped", group_loss, global_step + 1)
-                    optimizer.clear_grad(set_to_zero=False)
-                    continue
                 lr = optimizer.get_lr()  # the rate this update uses
-                if scaler:  # unscales, and skips the step if fp16 gradients overflowed
-                    scaler.step(optimizer)
-                    scaler.update()
+                if math.isfinite(group_loss):
+                    stepped = optimizer_step(optimizer, scaler)
+                    why = "fp16 gradients overflowed (the loss scale is lowered)"
+                elif args.skip_nonfinite_steps:
+                    stepped, why = False, f"loss is {group_loss}"
                 else:
-                    optimizer.step()
-                lr_scheduler.step()
+                    raise DreamBoothError(f"loss is {group_loss} at update {position['global_step'] + 1}; nothing "
+                                          "from this update was saved; lower --learning_rate, or pass "
+                                          "--skip_nonfinite_steps")
                 optimizer.clear_grad(set_to_zero=False)
+                batch = group[-1] + 1
+                position.update(epoch=epoch + (batch == batches_per_epoch), batch=batch % batches_per_epoch)
+                if stepped:
+                    lr_scheduler.step()
+                    position["global_step"] += 1
+                    consecutive_skips = 0
+                    bar.update(1)
+                else:  # the data moves on, the update is made up with the next batches
+                    position["skipped_updates"] += 1
+                    consecutive_skips += 1
+                    logger.warning("%s at update %d: update skipped (%d skipped so far)", why,
+                                   position["global_step"] + 1, position["skipped_updates"])
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise DreamBoothError(f"{consecutive_skips} updates in a row were skipped ({why}); training "
+                                              "has diverged: lower --learning_rate, or resume from an earlier "
+                                              "checkpoint")
+                global_step = position["global_step"]
                 update_seconds.append(time.perf_counter() - update_started)
                 update_cpu = time.process_time() - update_cpu  # CPU time: robust on a busy machine
-                global_step += 1
-                position = dict(global_step=global_step, epoch=epoch, batch=group[-1] + 1)
-                if position["batch"] == batches_per_epoch:
-                    position.update(epoch=epoch + 1, batch=0)
-                bar.update(1)
-                if rank == 0:
+                logged = stepped and rank == 0
+                if logged:
                     bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}")
                     if global_step % args.logging_steps == 0:
                         writer.add_scalar("train/loss", group_loss, global_step)
                         writer.add_scalar("train/lr", lr, global_step)
                         writer.add_scalar("train/update_seconds", update_seconds[-1], global_step)
                         writer.add_scalar("train/update_cpu_seconds", update_cpu, global_step)
+                        writer.add_scalar("train/skipped_updates", position["skipped_updates"], global_step)
                     if diag and global_step % args.diagnostics_steps == 0:
                         with borrowed(parked):
                             diag.measure(global_step)
-                if signalled or global_step % args.save_steps == 0:
-                    save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, position, models)
-                if rank == 0 and args.validation_prompt and global_step % args.validation_steps == 0:
+                if signalled or stepped and global_step % args.save_steps == 0:
+                    save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, scaler, position,
+                                    models)
+                if logged and args.validation_prompt and global_step % args.validation_steps == 0:
                     with borrowed(parked):
-                        validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
+                        validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step,
+                                 autocast)
                     validated_at = global_step
                 if signalled:
                     raise Interrupted(f"stopped by a signal after update {global_step}; checkpoint saved: resume with "
@@ -1382,21 +1494,24 @@ def main(args):
                 if global_step >= args.max_train_steps:
                     stop = True
                     break
+            epoch += 1
     elapsed = time.time() - started
     if world_size > 1:
         check_ranks_agree(trained)
     if rank == 0:
         logger.info("Trained to update %d in %.1f s; median update %.4f s (after the first)", global_step, elapsed,
                     float(np.median(update_seconds[1:] or update_seconds or [0.0])))
+        if paddle.device.get_device().startswith("gpu"):  # tools/gpu_check.sh reads this line
+            logger.info("Peak GPU memory allocated: %.0f MiB", paddle.device.cuda.max_memory_allocated() / 2**20)
         save_final(args, unet, text_encoder, tokenizer)
         with borrowed(parked):
             if args.validation_prompt and validated_at != global_step:
-                validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step)
+                validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step, autocast)
             if diag:
                 diag.finish(global_step)
         writer.close()
         if args.export_single_file:
-            export_result(args, unet, text_encoder, vae)
+            export_result(args)
     barrier()
 
 
@@ -1494,14 +1609,16 @@ def read_training_state(args, folder):
     return state
 
 
-def restore_training_state(folder, state, optimizer, lr_scheduler, models, rank):
+def restore_training_state(folder, state, optimizer, lr_scheduler, scaler, models, rank):
     import paddle
 
     back = {v: k for k, v in structured_names(models).items()}
     optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))
     lr_scheduler.set_state_dict(state["lr_scheduler"])
+    restore_scaler(scaler, state.get("grad_scaler"))
     load_rng_state(os.path.join(folder, f"rng_state_{rank}.pkl"))
-    return {k: state[k] for k in ("global_step", "epoch", "batch")}
+    return dict(global_step=state["global_step"], epoch=state["epoch"], batch=state["batch"],
+                skipped_updates=state.get("skipped_updates", 0))
 
 
 def check_output_dir(args, resume_from):

@@ -382,8 +382,8 @@ def test_prior_preservation_generates_num_class_images_in_sample_batches(tiny_mo
 
     batches, real = [], train_dreambooth.load_sampling_pipeline
 
-    def recording_pipeline(args):
-        pipe = real(args)
+    def recording_pipeline(args, dtype):
+        pipe = real(args, dtype)
 
         def call(prompts, **kwargs):
             batches.append(len(prompts))

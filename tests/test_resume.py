@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_weights, run_train, train_args
+from conftest import ROOT, load_weights, logged_scalars, run_train, train_args
 
 STEPS = 24
 
@@ -178,6 +178,26 @@ def test_nan_loss_stops_with_the_step_named(tiny_model, instance_dir, tmp_path, 
     run_train(*train_args(tiny_model, instance_dir, tmp_path / "skip", "--max_train_steps", 4,
                           "--skip_nonfinite_steps"))
     assert os.path.exists(tmp_path / "skip" / "model_index.json")
+    # The skipped update is made up with the next batch: still 4 updates, one skip logged.
+    assert sorted(logged_scalars(tmp_path / "skip", "train/loss")) == [1, 2, 3, 4]
+    assert logged_scalars(tmp_path / "skip", "train/skipped_updates")[4] == 1
+
+
+def test_a_run_that_skips_update_after_update_stops_with_one_line(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """--skip_nonfinite_steps must not spin forever on a run that has diverged for good."""
+    import train_dreambooth
+
+    monkeypatch.setattr(train_dreambooth, "compute_loss", lambda *a, **k: paddle_nan())
+    monkeypatch.setattr(train_dreambooth, "MAX_CONSECUTIVE_SKIPS", 3)
+    with pytest.raises(train_dreambooth.DreamBoothError, match="3 updates in a row were skipped"):
+        run_train(*train_args(tiny_model, instance_dir, tmp_path / "out", "--max_train_steps", 2,
+                              "--skip_nonfinite_steps"))
+
+
+def paddle_nan():
+    import paddle
+
+    return paddle.to_tensor(float("nan"), stop_gradient=False) * 1.0
 
 
 def test_two_processes_killed_with_9_resume_to_the_uninterrupted_weights(tiny_model, instance_dir, tmp_path):

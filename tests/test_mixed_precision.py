@@ -1,0 +1,262 @@
+"""Mixed precision: the GPU paths, driven on the CPU through the state a GPU run would have.
+
+No GPU runs here. Each test builds what --mixed_precision fp16/bf16 leaves behind on a GPU (frozen
+models cast to half, an fp16 GradScaler with its own state, a device that lacks a dtype) and drives
+the trainer's own code through it. tools/gpu_check.sh runs the real thing on a GPU.
+"""
+import contextlib
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+from conftest import CLASS_PROMPT, load_weights, logged_scalars, run_train, train_args
+
+
+def fake_gpu(monkeypatch, capability, name="Tesla T4"):
+    import paddle
+
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
+    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(paddle.device.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(paddle, "is_compiled_with_rocm", lambda: False)
+
+
+@pytest.mark.parametrize("flag,capability,verdict", [
+    ("bf16", (7, 5), "has no bfloat16 support .*needs 8.0.*use --mixed_precision fp16"),
+    ("fp16", (6, 1), "has no float16 support .*needs 7.0.*use --mixed_precision no"),
+    ("bf16", (6, 1), "use --mixed_precision no"),
+    ("bf16", (8, 0), "bfloat16"),
+    ("fp16", (7, 0), "float16"),
+])
+def test_a_gpu_without_the_dtype_is_refused_in_one_line(monkeypatch, flag, capability, verdict):
+    """Paddle itself only warns and trains in fp32 there, after the frozen models were cast: the
+    first step would fail. The trainer checks the device before anything is loaded."""
+    import train_dreambooth
+
+    fake_gpu(monkeypatch, capability)
+    if verdict in ("bfloat16", "float16"):
+        assert train_dreambooth.amp_dtype(flag) == verdict
+        return
+    with pytest.raises(train_dreambooth.DreamBoothError, match=verdict) as error:
+        train_dreambooth.amp_dtype(flag)
+    assert "\n" not in str(error.value) and "Tesla T4" in str(error.value)
+
+
+@pytest.mark.parametrize("flag", ["fp16", "bf16"])
+def test_mixed_precision_on_a_cpu_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path, flag):
+    """Paddle's AMP turns itself off on a CPU, so bf16 there trained in fp32 while claiming otherwise."""
+    import train_dreambooth
+
+    out, classes = tmp_path / "out", tmp_path / "class"
+    with pytest.raises(train_dreambooth.DreamBoothError, match=f"--mixed_precision {flag}: .*GPU only"):
+        run_train(*train_args(tiny_model, instance_dir, out, "--mixed_precision", flag, "--with_prior_preservation",
+                              "--class_prompt", CLASS_PROMPT, "--class_data_dir", classes, "--num_class_images", 1))
+    assert not out.exists() and not classes.exists()
+
+
+def test_a_save_next_to_half_frozen_models_holds_the_base_fp32_weights_and_samples(tiny_model, tmp_path, monkeypatch):
+    """On a GPU the frozen VAE and text encoder are held in half. The saved pipeline (final and every
+    checkpoint) must hold the base's exact fp32 weights, load in fp32 and sample, and the base
+    components must be loaded in host memory, not on the training device."""
+    import paddle
+    from ppdiffusers import StableDiffusionPipeline
+
+    import train_dreambooth
+
+    args = train_dreambooth.parse_args(train_args(tiny_model, "unused", str(tmp_path / "unused")))
+    tokenizer, text_encoder, vae, unet, _ = train_dreambooth.load_models(args)
+    for model in (vae, text_encoder):
+        model.to(dtype="float16")
+    device = {"now": "gpu:0"}  # a stand-in for the device's state, so the host switch can be seen
+    monkeypatch.setattr(paddle.device, "get_device", lambda: device["now"])
+    monkeypatch.setattr(paddle.device, "set_device", lambda d: device.update(now=d))
+    real_load, loaded_on = StableDiffusionPipeline.from_pretrained, []
+
+    def recording_load(*a, **k):
+        loaded_on.append(device["now"])
+        return real_load(*a, **k)
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", recording_load)
+    folder = str(tmp_path / "saved")
+    train_dreambooth.save_pipeline(args, unet, text_encoder, tokenizer, folder)
+    monkeypatch.undo()
+    assert loaded_on == ["cpu"] and device["now"] == "gpu:0"
+    for component in ("text_encoder", "vae"):
+        saved, base = load_weights(folder, component), load_weights(tiny_model, component)
+        assert saved.keys() == base.keys()
+        assert all(saved[k].dtype == np.float32 and np.array_equal(saved[k], base[k]) for k in base), component
+    with open(os.path.join(folder, "text_encoder", "config.json")) as f:
+        assert json.load(f).get("dtype", "float32") == "float32"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of sks dog", height=64, width=64, num_inference_steps=2, output_type="np",
+                 generator=paddle.Generator().manual_seed(0)).images
+    assert np.isfinite(image).all()
+
+
+def recording_autocast(entered):
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(1)
+        try:
+            yield
+        finally:
+            entered.pop()
+    return lambda dtype: autocast
+
+
+def test_every_unet_call_runs_under_the_training_precision(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """Class images, training, validation and diagnostics all call the UNet inside the run's
+    autocast context: outside it, half frozen models next to fp32 ones fail (on a GPU)."""
+    from ppdiffusers import UNet2DConditionModel
+
+    import train_dreambooth
+
+    inside = []
+    monkeypatch.setattr(train_dreambooth, "autocast_factory", recording_autocast(inside))
+    calls = []
+    real_forward = UNet2DConditionModel.forward
+
+    def forward(self, *a, **k):
+        calls.append(bool(inside))
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
+                          "--class_data_dir", tmp_path / "class", "--num_class_images", 1,
+                          "--class_inference_steps", 2, "--validation_prompt", CLASS_PROMPT,
+                          "--num_validation_images", 1, "--validation_num_inference_steps", 2,
+                          "--diagnostics_steps", 1))
+    assert os.path.isfile(out / "validation" / "step-000002.png") and os.path.isfile(out / "diagnostics.csv")
+    assert len(calls) > 10 and all(calls), f"{calls.count(False)} of {len(calls)} UNet calls ran outside autocast"
+
+
+class OverflowingScaler:
+    """The parts of paddle.amp.GradScaler the trainer uses, reporting an fp16 overflow (and skipping
+    the optimizer step, as Paddle's does) on the steps named; its state counts the steps."""
+
+    def __init__(self, overflow_on):
+        self.overflow_on, self.steps, self.loaded = overflow_on, 0, None
+        self._cache_found_inf = False
+
+    def scale(self, loss):
+        return loss
+
+    def step(self, optimizer):
+        self.steps += 1
+        self._cache_found_inf = self.steps in self.overflow_on
+        if not self._cache_found_inf:
+            optimizer.step()
+
+    def update(self):
+        pass
+
+    def state_dict(self):
+        return {"scale": np.array([2.0 ** (15 - self.steps)], dtype=np.float32), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.loaded, self.steps = state, state["steps"]
+
+
+def test_an_fp16_overflow_is_no_update_and_is_logged(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """A skipped update consumes its batch but not the schedule: the run still makes every update it
+    was asked for, the lr schedule advances only on real updates, and train/skipped_updates counts."""
+    import train_dreambooth
+
+    scalers = []
+    monkeypatch.setattr(train_dreambooth, "grad_scaler",
+                        lambda dtype: scalers.append(OverflowingScaler({2})) or scalers[-1])
+    out = tmp_path / "out"
+    argv = train_args(tiny_model, instance_dir, out, "--max_train_steps", 4, "--save_steps", 2,
+                      "--lr_scheduler", "linear", "--lr_warmup_steps", 0, "--learning_rate", 1e-3)
+    run_train(*argv)
+    lrs = logged_scalars(out, "train/lr")
+    assert sorted(lrs) == [1, 2, 3, 4]
+    assert np.allclose([lrs[s] for s in (1, 2, 3, 4)], [1e-3 * (1 - k / 4) for k in range(4)])
+    assert logged_scalars(out, "train/skipped_updates") == {1: 0, 2: 1, 3: 1, 4: 1}
+    with open(out / "checkpoint-2" / "training_state.json") as f:
+        state = json.load(f)
+    # update 2 came from the third batch; the scaler's own state is in the checkpoint
+    assert (state["global_step"], state["batch"], state["skipped_updates"]) == (2, 3, 1)
+    assert state["grad_scaler"] == {"scale": [2.0 ** 12], "steps": 3}
+    run_train(*argv, "--resume_from_checkpoint", out / "checkpoint-2", "--overwrite_output_dir")
+    assert scalers[-1].loaded["steps"] == 3 and scalers[-1].loaded["scale"].tolist() == [2.0 ** 12]
+
+
+def enabled_grad_scaler(monkeypatch):
+    """A real fp16 GradScaler, as on a GPU: Paddle disables it on a CPU place at construction."""
+    import paddle
+    import paddle.amp.grad_scaler as grad_scaler_module
+
+    class GpuPlace:
+        is_gpu_place, is_xpu_place, is_custom_place = (lambda self: True), (lambda self: False), (lambda self: False)
+
+    class Tracer:
+        _expected_place = GpuPlace()
+
+    with monkeypatch.context() as m:
+        m.setattr(grad_scaler_module, "_dygraph_tracer", lambda: Tracer())
+        return paddle.amp.GradScaler(init_loss_scaling=2.0**15)
+
+
+def test_the_grad_scaler_state_survives_a_checkpoint(monkeypatch):
+    """Without its state a resumed fp16 run restarts at 2^15 and skips updates the uninterrupted run
+    did not: the scale and counters go through the checkpoint's JSON and back."""
+    import train_dreambooth
+
+    trained = enabled_grad_scaler(monkeypatch)
+    trained.load_state_dict(dict(trained.state_dict(), scale=np.array([1024.0], dtype=np.float32), incr_count=7,
+                                 decr_count=1))
+    saved = json.loads(json.dumps(train_dreambooth.scaler_state(trained)))
+    resumed = enabled_grad_scaler(monkeypatch)
+    assert resumed.state_dict()["scale"].tolist() == [2.0**15]
+    train_dreambooth.restore_scaler(resumed, saved)
+    a, b = trained.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert train_dreambooth.scaler_state(None) is None
+
+
+def test_a_checkpoint_holds_the_random_state_of_this_device_only(tmp_path, monkeypatch):
+    """paddle.get_rng_state() holds one state per visible GPU; a resume with another number of GPUs
+    could not set it back. A checkpoint keeps the host's and this process's own device's."""
+    import paddle
+
+    import train_dreambooth
+
+    path = str(tmp_path / "rng.pkl")
+    paddle.seed(5)
+    train_dreambooth.save_rng_state(path)
+    with open(path, "rb") as f:
+        assert set(pickle.load(f)["paddle"]) == {"cpu"}
+    expected = paddle.rand([3]).numpy()
+    train_dreambooth.load_rng_state(path)
+    assert np.array_equal(paddle.rand([3]).numpy(), expected)
+    # A GPU run's checkpoint resumed on a CPU: the host state is restored, the GPU's is reported.
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+    state["paddle"]["gpu"] = state["paddle"]["cpu"]
+    with open(path, "wb") as f:
+        pickle.dump(state, f)
+    warnings = []
+    monkeypatch.setattr(train_dreambooth.logger, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+    train_dreambooth.load_rng_state(path)
+    assert np.array_equal(paddle.rand([3]).numpy(), expected)
+    assert len(warnings) == 1 and "no gpu here" in warnings[0]
+
+
+def test_the_memory_estimate_reads_the_attention_kernel_the_unet_really_runs(tiny_model):
+    """ppdiffusers uses its memory-efficient kernel by default wherever the build has it, with or
+    without the flag; the estimate follows the layers, not the flag."""
+    from ppdiffusers import UNet2DConditionModel
+    from ppdiffusers.models.attention_processor import Attention, AttnProcessor
+
+    from memory_estimate import efficient_attention_in_use
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    assert not efficient_attention_in_use(unet)
+
+    class FusedKernel(AttnProcessor):  # any processor but the plain one computes scores in a kernel
+        pass
+    next(layer for layer in unet.sublayers() if isinstance(layer, Attention)).processor = FusedKernel()
+    assert efficient_attention_in_use(unet)
