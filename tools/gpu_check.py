@@ -50,13 +50,15 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--only", default=None, help="run only the combinations whose name contains this")
-    p.add_argument("--cpu_smoke", action="store_true", help="check this script on a CPU: precision no, 1 process")
+    p.add_argument("--cpu_smoke", action="store_true",
+                   help="check this script on a CPU: precision no, full on 1 process and LoRA on 2")
     return p.parse_args()
 
 
 def combinations(gpus, cpu_smoke):
     if cpu_smoke:
-        return [dict(precision="no", mode=mode, procs=1, attention="plain") for mode in ("full", "lora")]
+        return [dict(precision="no", mode=mode, procs=procs, attention="plain") for mode, procs in (("full", 1),
+                                                                                                   ("lora", 2))]
     runs = []
     for precision, mode, procs, attention in itertools.product(("fp16", "bf16"), ("full", "lora"), (1, 2),
                                                                ("efficient", "plain")):
@@ -151,7 +153,7 @@ def main():
         save_tiny_pipeline(model)
     instance_dir = os.path.join(ROOT, "examples", "sks_toy")
     runs = [r for r in combinations(gpus, args.cpu_smoke) if not args.only or args.only in name_of(r)]
-    header = ["run", "loads and samples", "peak GPU memory", "resume max |diff|", "seconds", "note"]
+    header = ["run", "loads and samples", "peak GPU memory", "resume: max weight difference", "seconds", "note"]
     lines = [f"GPU check: {paddle.__version__}, {gpus} GPU(s)"
              + (f", {paddle.device.cuda.get_device_name()}" if gpus else " (CPU smoke run)"),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
