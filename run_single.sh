@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Single-GPU DreamBooth training (the seed's command). Override MODEL_NAME, INSTANCE_DIR and
-# OUTPUT_DIR from the environment; extra arguments are passed on to train_dreambooth.py.
+# Single-GPU DreamBooth training (the seed's command): bash run_single.sh [extra trainer args]
+# MODEL_NAME, INSTANCE_DIR and OUTPUT_DIR from the environment replace the defaults below; arguments are
+# passed on to train_dreambooth.py, where a repeated flag overrides the script's value. Relative paths are
+# relative to the folder you run it from. Runs in ./.venv like run_demo.sh (see setup_venv.sh;
+# DREAMBOOTH_VENV=none keeps the python on PATH).
 set -euo pipefail
-cd "$(dirname "$0")"
-export MODEL_NAME="${MODEL_NAME:-CompVis/stable-diffusion-v1-4}"
-export INSTANCE_DIR="${INSTANCE_DIR:-./dream_image}"
-export OUTPUT_DIR="${OUTPUT_DIR:-./dream_outputs}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$here/setup_venv.sh"
+MODEL_NAME="${MODEL_NAME:-CompVis/stable-diffusion-v1-4}"
+INSTANCE_DIR="${INSTANCE_DIR:-./dream_image}"
+OUTPUT_DIR="${OUTPUT_DIR:-./dream_outputs}"
 
-python -u train_dreambooth.py \
+python -u "$here/train_dreambooth.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --instance_data_dir="$INSTANCE_DIR" \
   --output_dir="$OUTPUT_DIR" \
