@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from train_dreambooth import TEXT_ENCODER_LORA
+from train_dreambooth import TEXT_ENCODER_LORA, give_usual_file_modes
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -188,6 +188,7 @@ def _write(tensors, out_path):
         # "pt": the tensors are in PyTorch orientation; ppdiffusers' loaders read this key to
         # decide whether Linear weights need transposing.
         save_file(tensors, tmp, metadata={"format": "pt"})
+        give_usual_file_modes(tmp)  # a file for WebUI / ComfyUI, often installed under another account
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):

@@ -874,6 +874,17 @@ def commit_dir(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def give_usual_file_modes(path):
+    """safetensors creates its files readable by their owner only (0600). Give every file under `path`
+    (or `path` itself) the mode the user's umask gives any new file, so that the weights can be copied to
+    or read by another account (a WebUI install, a shared model folder)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if os.path.isfile(path) else [os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns]
+    for name in files:
+        os.chmod(name, 0o666 & ~mask)
+
+
 def recover_interrupted_saves(folder):
     """Undo what a crash in the middle of a save left behind (see commit_dir). Only names this
     trainer stages are touched: checkpoint-N, final and the pipeline's own files."""
@@ -1026,6 +1037,7 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
                 json.dump(state, f, indent=1)
         barrier()
         if rank == 0:
+            give_usual_file_modes(tmp)
             commit_dir(tmp, final)
             if args.checkpoints_total_limit:  # only now that the new one is complete
                 for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
@@ -1068,6 +1080,7 @@ def save_final(args, unet, text_encoder, tokenizer):
     with saving(args.output_dir):
         tmp = atomic_dir(os.path.join(args.output_dir, "final"))
         save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+        give_usual_file_modes(tmp)
         for marker in FINISHED_MARKERS:
             if os.path.exists(os.path.join(args.output_dir, marker)):
                 os.remove(os.path.join(args.output_dir, marker))
