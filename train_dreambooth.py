@@ -401,6 +401,18 @@ def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def download_source():
+    """(where ppdiffusers downloads a model id from, the folder it caches it in), as its environment
+    variables FROM_HF_HUB and FROM_AISTUDIO choose."""
+    from ppdiffusers.utils import constants
+
+    if constants.FROM_AISTUDIO:
+        return "AI Studio", constants.PPDIFFUSERS_CACHE
+    if constants.FROM_HF_HUB:
+        return "the Hugging Face Hub", constants.DIFFUSERS_CACHE
+    return f"Paddle's model server ({constants.PPNLP_BOS_RESOLVE_ENDPOINT})", constants.PPDIFFUSERS_CACHE
+
+
 def load_models(args, resume_from=None):
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, each failure named.
     When resuming, the trained models come from the checkpoint."""
@@ -408,6 +420,11 @@ def load_models(args, resume_from=None):
     from ppdiffusers.transformers import AutoTokenizer
 
     model = args.pretrained_model_name_or_path
+    local = os.path.isdir(model)
+    if not local:
+        source, cache = download_source()
+        logger.info("%s is not a folder on disk: downloading it from %s into %s (once; later runs read the cache; "
+                    "FROM_HF_HUB=1 downloads from the Hugging Face Hub)", model, source, cache)
 
     def load(component, fn):
         try:
@@ -415,6 +432,12 @@ def load_models(args, resume_from=None):
         except DreamBoothError:
             raise
         except Exception as e:
+            if not local:
+                reason = first_line(e).split(". ")[0][:200]
+                raise DreamBoothError(
+                    f"cannot download the {component} of {model} from {source}: {reason}; check the model id, the "
+                    "network and that you accepted the model's licence, or give a folder holding the downloaded "
+                    "model to --pretrained_model_name_or_path") from e
             raise DreamBoothError(f"cannot load the {component} of {model} ({first_line(e)}); check that "
                                   f"{component}/ is complete, or give another --pretrained_model_name_or_path") from e
 
