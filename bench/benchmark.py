@@ -1,6 +1,7 @@
 """How far is the trainer from the floor? Seconds per optimizer update, peak RSS and wall time.
 
-    python bench/benchmark.py                 # full: "small" model, 128x128, ~30 min on 2 cores
+    python bench/benchmark.py                 # full: "small" model, 128x128; table in bench/out/benchmark
+    python bench/benchmark.py --update_results   # the same, written into bench/RESULTS.md
     python bench/benchmark.py --quick         # tiny model, 3 updates, plain + floor (run by the tests)
 
 Builds the benchmark's "small" SD-shaped model with tiny_sd.py (35 M UNet parameters), then runs
@@ -22,8 +23,8 @@ the floor does the same; there the benchmark also measures the floor once per ba
 runs --compare_script both as its users run it and with MKL_DEBUG_CPU_TYPE=5, the trainer's kernels.
 --repeats N measures every variant N times, alternating, and adds the median of each ratio over
 the repeats: this machine's speed drifts by 10-20% within minutes, so one run's ratio can land on
-either side of a target. Writes the table into bench/RESULTS.md between its markers (--results;
---quick writes none unless asked).
+either side of a target. Writes the table into RESULTS.md in the --work folder (--results FILE elsewhere; --quick writes
+none unless asked); --update_results writes it between the markers of the committed bench/RESULTS.md.
 """
 import argparse
 import json
@@ -213,7 +214,9 @@ def main():
                    help="Rounds of class-image generation, the two samplers alternating (load drifts; this evens it).")
     p.add_argument("--work", default=os.path.join(HERE, "out", "benchmark"), help="Scratch folder.")
     p.add_argument("--results", default=None, help="Markdown file to write the table into (default: "
-                   "bench/RESULTS.md; none with --quick).")
+                   "RESULTS.md in the --work folder; none with --quick).")
+    p.add_argument("--update_results", action="store_true",
+                   help="Write the table into the committed bench/RESULTS.md instead (what a results commit does).")
     p.add_argument("--compare_script", default=None,
                    help="Another DreamBooth train script to time with the same flags (e.g. PaddleMIX's "
                         "ppdiffusers/examples/dreambooth/train_dreambooth.py; run with --noise_offset 0).")
@@ -232,8 +235,8 @@ def main():
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"benchmark: unknown variants {unknown}; choose from {list(VARIANTS)}")
-    results = args.results or (None if args.quick else os.path.join(HERE, "RESULTS.md"))
     work = os.path.abspath(args.work + ("-quick" if args.quick else ""))
+    results = results_file(args, work)
     os.makedirs(work, exist_ok=True)
     env, py = child_env(args.threads), sys.executable
     total = args.warmup + args.steps
@@ -377,6 +380,14 @@ def main():
     if results:
         write_results(results, table, commands, args, size, resolution, load_before, os.getloadavg())
         print(f"written to {results}")
+
+
+def results_file(args, work):
+    """Where the table is written (None: printed only). Trying the benchmark must not rewrite the
+    committed results: only --update_results does."""
+    if args.update_results:
+        return os.path.join(HERE, "RESULTS.md")
+    return args.results or (None if args.quick else os.path.join(work, "RESULTS.md"))
 
 
 def fmt(x, spec=".3f"):
