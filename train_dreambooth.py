@@ -77,7 +77,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line; tools/flag_reference.py renders it into docs/flags.md."""
     p = OneLineErrorParser(description="DreamBooth training for Stable Diffusion (PaddlePaddle / ppdiffusers).",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
@@ -184,7 +185,11 @@ def parse_args(argv=None):
                    help="Every this many updates, measure subject fit and class drift on fixed probes "
                         "(output_dir/diagnostics.csv and .png; see docs/diagnostics.md). 0: off.")
 
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     check_args(args)
     return args
 
