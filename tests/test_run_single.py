@@ -11,17 +11,23 @@ STEPS = 3
 
 
 def script_env(model, instance, output):
-    # run_single.sh calls `python`: make it this interpreter (the venv's), activated or not.
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    return {"MODEL_NAME": str(model), "INSTANCE_DIR": str(instance), "OUTPUT_DIR": str(output), "PATH": path}
+    """run_single.sh runs in the project's venv (setup_venv.sh): make that the venv running these tests, so
+    that nothing is installed; outside a venv, keep this interpreter with DREAMBOOTH_VENV=none."""
+    env = {"MODEL_NAME": str(model), "INSTANCE_DIR": str(instance), "OUTPUT_DIR": str(output)}
+    if sys.prefix != sys.base_prefix:
+        return dict(env, DREAMBOOTH_VENV=sys.prefix)
+    return dict(env, DREAMBOOTH_VENV="none", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
 
 
 @pytest.fixture(scope="module")
 def single_run(tiny_model, instance_dir, tmp_path_factory):
-    """One run of run_single.sh; later --height/--width/--max_train_steps replace the script's own."""
-    out = tmp_path_factory.mktemp("run_single") / "out"
-    proc = run_cli(["bash", "run_single.sh", "--height", "64", "--width", "64", "--max_train_steps", str(STEPS),
-                    "--seed", "0", "--save_steps", "2"], env=script_env(tiny_model, instance_dir, out))
+    """One run of run_single.sh from a folder of the user's, every path relative to it; later
+    --height/--width/--max_train_steps replace the script's own."""
+    cwd = tmp_path_factory.mktemp("run_single")
+    out = cwd / "out"
+    env = script_env(os.path.relpath(tiny_model, cwd), os.path.relpath(instance_dir, cwd), "out")
+    proc = run_cli(["bash", os.path.join(ROOT, "run_single.sh"), "--height", "64", "--width", "64",
+                    "--max_train_steps", str(STEPS), "--seed", "0", "--save_steps", "2"], env=env, cwd=str(cwd))
     return proc, str(out)
 
 
@@ -46,10 +52,12 @@ def assert_same(a, b, what):
     assert not changed, f"{what}: {len(changed)} tensors changed, e.g. {changed[:3]}"
 
 
-def test_exit_code_zero(single_run):
+def test_exit_code_zero_and_relative_paths_are_the_callers(single_run):
     proc, out = single_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert os.path.isfile(os.path.join(out, "model_index.json")), "OUTPUT_DIR=out is not under the caller's folder"
+    assert not os.path.exists(os.path.join(ROOT, "out"))
 
 
 def test_output_loads_and_generates_a_64x64_image(single_run):
