@@ -171,7 +171,7 @@ def build_parser():
     g.add_argument("--export_single_file", action="store_true",
                    help="After the final save, also write output_dir/<name of output_dir>.safetensors for Stable "
                         "Diffusion WebUI / ComfyUI: a full SD 1.x checkpoint, or with --use_lora a kohya-layout "
-                        "LoRA (see the README, \"Using the result in WebUI / ComfyUI\").")
+                        "LoRA (see docs/lora_and_export.md).")
     g.add_argument("--export_half", action="store_true",
                    help="With --export_single_file: store that file in float16 (half the size).")
     g.add_argument("--logging_dir", default="logs", help="Log folder, under output_dir.")
