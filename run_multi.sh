@@ -48,7 +48,7 @@ case " $LAUNCH_ARGS " in *" --log_dir"*) log_arg=() ;; *) log_arg=(--log_dir "$l
 
 status=0
 # shellcheck disable=SC2086
-python -u -m paddle.distributed.launch $LAUNCH_ARGS "${log_arg[@]}" "$here/train_dreambooth.py" \
+python -u -m paddle.distributed.launch $LAUNCH_ARGS ${log_arg[@]+"${log_arg[@]}"} "$here/train_dreambooth.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --instance_data_dir="$INSTANCE_DIR" \
   --output_dir="$OUTPUT_DIR" \
