@@ -101,6 +101,10 @@ def has_gpu():
 def readme_run(tiny_model, tmp_path_factory):
     if sys.prefix == sys.base_prefix:
         pytest.skip("the README's `source .venv/bin/activate` needs the tests to run in a venv (run_tests.sh's)")
+    try:
+        git("rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the README's commands run in a fresh clone of one")
     clone = fresh_clone(tmp_path_factory.mktemp("readme") / "clone")
     with open(os.path.join(clone, "requirements.txt"), "rb") as f, \
             open(os.path.join(sys.prefix, ".requirements.installed"), "rb") as g:
