@@ -83,10 +83,16 @@ def test_english_and_chinese_readmes_have_the_same_commands_sections_and_links()
         [t.replace("_zh.md", ".md") for t in links(zh) if t != "README.md"]
 
 
-@pytest.mark.parametrize("readme", READMES)
-def test_readme_links_lead_to_files_of_the_repository(readme):
-    missing = [t for t in links(read(readme)) if t not in PENDING_LINKS and not os.path.exists(os.path.join(ROOT, t))]
-    assert not missing, f"{readme} links to {missing}"
+DOCUMENTS = READMES + sorted(os.path.join(folder, name) for folder in ("docs", "bench")
+                             for name in os.listdir(os.path.join(ROOT, folder)) if name.endswith(".md"))
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_links_lead_to_files_of_the_repository(document):
+    folder = os.path.dirname(os.path.join(ROOT, document))
+    missing = [t for t in links(read(document)) if os.path.relpath(os.path.join(folder, t), ROOT) not in PENDING_LINKS
+               and not os.path.exists(os.path.join(folder, t))]
+    assert not missing, f"{document} links to {missing}"
 
 
 @pytest.mark.parametrize("readme", READMES)
