@@ -615,8 +615,19 @@ def borrowed(parked):
 
 
 def tokenize(tokenizer, prompt):
-    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_attention_mask=False)["input_ids"]
+    """(input ids, attention mask), padded to the tokenizer's length."""
+    tokens = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                       return_attention_mask=True)
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+def mask_argument(text_encoder, masks):
+    """The attention mask, for text encoders whose config asks for one (as the pipelines pass it:
+    BERT-like encoders need it, CLIP's are trained without)."""
+    import paddle
+
+    wanted = getattr(text_encoder.config, "use_attention_mask", False)
+    return dict(attention_mask=paddle.to_tensor(masks)) if wanted else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1197,7 +1208,17 @@ def setup_logging(rank):
 
 
 def main(args):
+    """Train. MKL_DEBUG_CPU_TYPE, if this sets it, is for this run only: an in-process caller (a
+    notebook, the tests) must not pass it on to every later subprocess."""
     mkl_code_path = choose_mkl_code_path()  # before any Paddle op
+    try:
+        return train(args, mkl_code_path)
+    finally:
+        if mkl_code_path:
+            os.environ.pop("MKL_DEBUG_CPU_TYPE", None)
+
+
+def train(args, mkl_code_path):
     import paddle
     import paddle.distributed as dist
     from ppdiffusers.optimization import get_scheduler
@@ -1293,7 +1314,8 @@ def main(args):
     embeddings = {}
     if not args.train_text_encoder:
         with paddle.no_grad():
-            embeddings = {p: text_encoder(paddle.to_tensor([ids]))[0] for p, ids in prompt_ids.items()}
+            embeddings = {p: text_encoder(paddle.to_tensor([ids]), **mask_argument(text_encoder, [mask]))[0]
+                          for p, (ids, mask) in prompt_ids.items()}
     posterior_cache = {}
     if args.cache_latents:
         with paddle.no_grad():
@@ -1388,7 +1410,8 @@ def main(args):
         prompts = [item.prompt for item in batch["items"]]
         if args.train_text_encoder:
             with autocast():
-                encoder_states = text_encoder(paddle.to_tensor([prompt_ids[p] for p in prompts]))[0]
+                ids, masks = zip(*(prompt_ids[p] for p in prompts))
+                encoder_states = text_encoder(paddle.to_tensor(ids), **mask_argument(models["text_encoder"], masks))[0]
         else:
             encoder_states = paddle.concat([embeddings[p] for p in prompts])
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
