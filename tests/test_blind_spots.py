@@ -183,16 +183,16 @@ def same_weights(a, b):
 
 
 def test_resume_under_cosine_with_warmup_equals_the_uninterrupted_run(tiny_model, instance_dir, tmp_path):
-    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--learning_rate", 1e-2,
-                "--max_train_steps", 6, "--save_steps", 3]
+    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", 1, "--learning_rate", 1e-2,
+                "--max_train_steps", 5, "--save_steps", 2]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_train(*train_args(tiny_model, instance_dir, whole, *schedule))
-    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
     run_train(*train_args(tiny_model, instance_dir, resumed, *schedule, "--resume_from_checkpoint", "latest"))
     lr_whole, lr_resumed = logged_scalars(whole, "train/lr"), logged_scalars(resumed, "train/lr")
-    assert sorted(lr_resumed) == [4, 5, 6]
-    assert [lr_resumed[s] for s in (4, 5, 6)] == pytest.approx([lr_whole[s] for s in (4, 5, 6)], rel=1e-6)
-    assert lr_whole[4] > lr_whole[5] > lr_whole[6] > 0, "the schedule must decay for the test to mean anything"
+    assert sorted(lr_resumed) == [3, 4, 5]
+    assert [lr_resumed[s] for s in (3, 4, 5)] == pytest.approx([lr_whole[s] for s in (3, 4, 5)], rel=1e-6)
+    assert lr_whole[3] > lr_whole[4] > lr_whole[5] > 0, "the schedule must decay for the test to mean anything"
     assert same_weights(whole, resumed) == 0
 
 
@@ -281,9 +281,6 @@ def test_training_is_bit_identical_with_validation_and_diagnostics_on_a_model_wi
     for component in ("unet", "text_encoder"):
         plain, watched = load_weights(tmp_path / "plain", component), load_weights(tmp_path / "watched", component)
         assert all(np.array_equal(plain[k], watched[k]) for k in plain), component
-    # and the dropout is live: the same run without it trains differently
-    run_train(*train_args(tiny_model, instance_dir, tmp_path / "no_dropout", *common, "--diagnostics_steps", 0))
-    assert same_weights(tmp_path / "plain", tmp_path / "no_dropout") > 0
 
 
 def test_validation_samples_the_trained_weights_with_the_prompt_file(tiny_model, instance_dir, tmp_path):
@@ -400,39 +397,35 @@ def test_export_half_through_the_trainer_is_the_saved_pipeline_in_float16(tiny_m
         assert np.array_equal(got[key], value.astype(np.float16) if key in floats else value), key
 
 
-@pytest.mark.parametrize("sampler", ["dpm_solver", "ddim", "euler_a", "model"])
-def test_each_class_sampler_draws_what_its_scheduler_draws(tiny_model, tmp_path, sampler):
+def test_each_class_sampler_draws_what_its_scheduler_draws(tiny_model, tmp_path):
     """Class image i is the base pipeline's sample with the named scheduler and a generator seeded
-    seed + i; the samplers draw different images, so a sampler that is ignored shows."""
+    seed + i; the four samplers draw four different images, so a sampler that is ignored shows."""
     import paddle
     import ppdiffusers
     from ppdiffusers import StableDiffusionPipeline
 
     import train_dreambooth
 
-    args = train_dreambooth.parse_args(train_args(tiny_model, "x", tmp_path / "out", "--with_prior_preservation",
-                                                  "--class_prompt", CLASS_PROMPT, "--class_data_dir",
-                                                  tmp_path / "class", "--num_class_images", 1,
-                                                  "--class_inference_steps", 3, "--class_sampler", sampler))
-    concept = train_dreambooth.read_concepts(args)[0]
-    train_dreambooth.generate_class_images(concept, args, 1, 0)
-    (name,) = os.listdir(tmp_path / "class")
-    got = np.asarray(Image.open(tmp_path / "class" / name), dtype=int)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
-    own_scheduler = type(pipe.scheduler).__name__
-    scheduler = train_dreambooth.CLASS_SAMPLERS[sampler] or own_scheduler
-    assert scheduler == {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
-                         "euler_a": "EulerAncestralDiscreteScheduler", "model": own_scheduler}[sampler]
-    pipe.scheduler = getattr(ppdiffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    want = pipe([CLASS_PROMPT], height=64, width=64, num_inference_steps=3,
-                generator=[paddle.Generator().manual_seed(0)]).images[0]
-    assert np.abs(got - np.asarray(want, dtype=int)).max() <= 2
-    if sampler != "dpm_solver":  # the default draws something else
-        pipe.scheduler = ppdiffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        other = pipe([CLASS_PROMPT], height=64, width=64, num_inference_steps=3,
-                     generator=[paddle.Generator().manual_seed(0)]).images[0]
-        assert np.abs(got - np.asarray(other, dtype=int)).max() > 10
+    own = pipe.scheduler
+    images = {}
+    for sampler, scheduler in {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
+                               "euler_a": "EulerAncestralDiscreteScheduler", "model": type(own).__name__}.items():
+        folder = tmp_path / sampler
+        args = train_dreambooth.parse_args(train_args(
+            tiny_model, "x", tmp_path / "out", "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
+            "--class_data_dir", folder, "--num_class_images", 1, "--class_inference_steps", 3,
+            "--class_sampler", sampler))
+        train_dreambooth.generate_class_images(train_dreambooth.read_concepts(args)[0], args, 1, 0)
+        (name,) = os.listdir(folder)
+        images[sampler] = np.asarray(Image.open(folder / name), dtype=int)
+        pipe.scheduler = getattr(ppdiffusers, scheduler).from_config(own.config)
+        want = pipe([CLASS_PROMPT], height=64, width=64, num_inference_steps=3,
+                    generator=[paddle.Generator().manual_seed(0)]).images[0]
+        assert np.abs(images[sampler] - np.asarray(want, dtype=int)).max() <= 2, sampler
+    different = [(a, b) for a in images for b in images if a < b and np.abs(images[a] - images[b]).max() > 10]
+    assert len(different) == 6, different
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,3 +103,26 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_model, instance_dir, run_m
     assert [node.returncode for node in nodes] == [0, 0], ("".join(outputs) + logs)[-3000:]
     assert "Weights identical on all 2 ranks" in logs
     assert_same_weights(tmp_path / "out", one_process / "out")
+
+
+def test_a_process_that_cannot_see_rank_0s_output_dir_stops_at_the_start(tmp_path):
+    """As rank 1 of 2 on another machine, whose --output_dir is a folder of its own: rank 0's probe
+    file is not there. The error comes before training, not at the first checkpoint or at resume."""
+    import train_dreambooth
+
+    with pytest.raises(train_dreambooth.DreamBoothError, match="--output_dir .* folder they share"):
+        train_dreambooth.check_shared_output_dir(str(tmp_path), 2, 1)
+    train_dreambooth.check_shared_output_dir(str(tmp_path), 2, 0)  # rank 0 sees its own file
+    assert os.listdir(tmp_path) == [], "the probe is removed"
+
+
+def test_class_images_other_processes_cannot_see_stop_the_run(tiny_model, tmp_path):
+    """As rank 0 of 2 whose --class_data_dir is not shared: it generated only its own share."""
+    import train_dreambooth
+
+    args = train_dreambooth.parse_args(train_args(
+        tiny_model, "x", tmp_path / "out", "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
+        "--class_data_dir", tmp_path / "class", "--num_class_images", 2, "--class_inference_steps", 1))
+    with pytest.raises(train_dreambooth.DreamBoothError, match="--class_data_dir .* folder they share"):
+        train_dreambooth.load_classes(train_dreambooth.read_concepts(args), args, 2, 0)
+    assert len(os.listdir(tmp_path / "class")) == 1

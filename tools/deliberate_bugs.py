@@ -175,6 +175,12 @@ BUGS = [
         "diagnostics.py", "    diagnostics.measure(step)\n    return diagnostics",
         "    diagnostics.record(step, 0.0, None if klass is None else 0.0)\n    return diagnostics",
         [BLIND, "-k", "class_drift"]),
+    Bug("output_dir_sharing_unchecked", "a multi-machine run without a shared --output_dir starts anyway", T,
+        "shared = on_every_rank(os.path.isfile(probe))", "shared = True",
+        [MULTI, "-k", "output_dir_stops"]),
+    Bug("class_dir_sharing_unchecked", "a process that sees only some of the class images trains on them", T,
+        "if world_size > 1 and not on_every_rank(len(paths) == wanted):", "if False:",
+        [MULTI, "-k", "class_images_other_processes"]),
     Bug("mkl_variable_leaks", "main() leaves MKL_DEBUG_CPU_TYPE in the caller's environment", T,
         '            os.environ.pop("MKL_DEBUG_CPU_TYPE", None)\n', "            pass\n",
         [BLIND, "-k", "mkl"]),
@@ -213,11 +219,12 @@ def apply(bug, folder):
 
 
 def run_bug(bug, files, timeout):
-    """(verdict, seconds, last lines of pytest's output). verdict: caught, NOT CAUGHT, or error: why."""
+    """(verdict, seconds, last lines of pytest's output). verdict: caught, NOT CAUGHT, or error: why.
+    A bug of None runs the selection on the unchanged copy (the baseline, which must pass)."""
     folder = scratch_copy(files)
     started = time.time()
     try:
-        problem = apply(bug, folder)
+        problem = apply(bug, folder) if bug.original else None
         if problem:
             return f"error: {problem}", 0.0, ""
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1")
@@ -256,6 +263,9 @@ def main(argv=None):
     p.add_argument("--write", action="store_true", help=f"Write the results to {REPORT}.")
     p.add_argument("--timeout", type=int, default=900, help="Seconds allowed per bug's tests.")
     p.add_argument("-v", "--verbose", action="store_true", help="Show pytest's last lines for every bug.")
+    p.add_argument("--baseline", action="store_true",
+                   help="First run each distinct test selection without any bug: all must pass, or a failure "
+                        "would count as a catch.")
     args = p.parse_args(argv)
     bugs = BUGS
     if args.only:
@@ -268,6 +278,16 @@ def main(argv=None):
             print(f"{bug.name:45} {bug.file:22} {bug.selection()}\n    {bug.what}")
         return 0
     files = tracked_files()
+    if args.baseline:
+        selections = {b.selection(): b.tests for b in bugs}
+        for selection, tests in selections.items():
+            verdict, seconds, tail = run_bug(Bug("baseline", "", "", "", "", tests), files, args.timeout)
+            print(f"baseline {selection}: {'passes' if verdict == 'NOT CAUGHT' else 'FAILS'} ({seconds:.0f} s)",
+                  flush=True)
+            if verdict != "NOT CAUGHT":
+                print("    " + tail.replace("\n", "\n    "), file=sys.stderr)
+                print(f"the tests {selection} fail without any bug: fix them first", file=sys.stderr)
+                return 1
     rows = []
     width = max(len(b.name) for b in bugs)
     print(f"{'bug':{width}} | {'tests run':55} | {'caught?':10} | seconds", flush=True)
