@@ -264,9 +264,8 @@ class Diagnostics:
 
 def start(args, concepts, instances, models, autocast, writer, step):
     """Rank 0's Diagnostics before the first update of this run (update `step`). A fresh run builds
-    and saves the probe sets and measures the base model (its drift must come out 0: measured, so a
-    wrong reference shows);
-    a resumed run reuses the saved probe sets."""
+    and saves the probe sets and measures the base model (a class drift other than 0 there would
+    mean wrong probes); a resumed run reuses the saved probe sets."""
     from ppdiffusers.training_utils import unwrap_model
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
