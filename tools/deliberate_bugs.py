@@ -231,8 +231,9 @@ def run_bug(bug, files, timeout):
         problem = apply(bug, folder) if bug.original else None
         if problem:
             return f"error: {problem}", 0.0, ""
+        # Some tests start `python`: make it this interpreter, activated or not.
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
-                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # tests call `python`
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                "--basetemp", os.path.join(folder, ".pytest-tmp"), *bug.tests]
         try:
