@@ -223,34 +223,51 @@ def test_checkpoint_2_holds_exactly_the_weights_of_a_2_update_run(tiny_model, in
     assert same_weights(six_updates / "checkpoint-4", tmp_path / "two") > 0
 
 
-# Each flag a resumed run must keep, and a value that differs from the run's own.
+# Each flag a resumed run must keep, and how to change it on the command line.
 RESUME_INVARIANT = {
-    "pretrained_model_name_or_path": "another/model", "train_batch_size": 3, "gradient_accumulation_steps": 2,
-    "seed": 7, "height": 128, "width": 128, "with_prior_preservation": True, "train_text_encoder": True,
-    "center_crop": True, "random_flip": True, "world_size": 2, "instance_prompt": "a photo of zwx cat",
-    "class_prompt": "a photo of cat", "num_class_images": 5, "learning_rate": 0.5, "lr_scheduler": "cosine",
-    "use_lora": True, "lora_rank": 8, "lora_alpha": 16.0,
+    "pretrained_model_name_or_path": ["--pretrained_model_name_or_path", "another/model"],
+    "train_batch_size": ["--train_batch_size", 3],
+    "gradient_accumulation_steps": ["--gradient_accumulation_steps", 2],
+    "seed": ["--seed", 7], "height": ["--resolution", None, "--height", 128, "--width", 64],
+    "width": ["--resolution", None, "--height", 64, "--width", 128],
+    "with_prior_preservation": ["--with_prior_preservation", "--class_data_dir", "classes"],
+    "train_text_encoder": ["--train_text_encoder"], "center_crop": ["--center_crop"], "random_flip": ["--random_flip"],
+    "instance_prompt": ["--instance_prompt", "a photo of zwx cat"], "class_prompt": ["--class_prompt", "a photo of cat"],
+    "num_class_images": ["--num_class_images", 5], "learning_rate": ["--learning_rate", 0.5],
+    "lr_scheduler": ["--lr_scheduler", "cosine"], "use_lora": ["--use_lora"], "lora_rank": ["--lora_rank", 8],
+    "lora_alpha": ["--lora_alpha", 16],
+    "world_size": [],  # written into the checkpoint below: as if 2 processes had trained it
 }
 
 
+@pytest.fixture(scope="module")
+def first_checkpoint(tiny_model, instance_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("invariant") / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--class_prompt", CLASS_PROMPT, "--max_train_steps", 1,
+                          "--save_steps", 1, "--diagnostics_steps", 0))
+    with open(out / "checkpoint-1" / "training_state.json") as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize("flag", sorted(RESUME_INVARIANT))
-def test_resume_refuses_a_changed_invariant_flag(tiny_model, instance_dir, tmp_path, flag):
-    """The checkpoint is written by hand (no training): it says which value the run was trained with."""
+def test_resume_refuses_a_changed_invariant_flag(tiny_model, instance_dir, tmp_path, first_checkpoint, flag):
+    """The trainer's own checkpoint, resumed with one flag changed on the command line (or, for the
+    number of processes, as a 2-process run would have written it). The check comes before anything
+    is loaded, so only training_state.json is needed."""
     import train_dreambooth
 
+    state = json.loads(json.dumps(first_checkpoint))
+    if flag == "world_size":
+        state["world_size"] = 2
+        state["args"].update({k: 2 for k in state["args"] if k == "world_size"})
     out = tmp_path / "out"
-    argv = train_args(tiny_model, instance_dir, out, "--class_prompt", CLASS_PROMPT)
-    own = vars(train_dreambooth.parse_args(argv))
-    saved = {k: own.get(k) for k in RESUME_INVARIANT}
-    saved["world_size"] = 1
-    saved[flag] = RESUME_INVARIANT[flag]
-    os.makedirs(out / "checkpoint-2")
-    (out / "checkpoint-2" / "training_state.json").write_text(json.dumps(
-        dict(global_step=2, epoch=0, batch=2, lr_scheduler={}, world_size=saved["world_size"], args=saved)))
+    os.makedirs(out / "checkpoint-1")
+    (out / "checkpoint-1" / "training_state.json").write_text(json.dumps(state))
     shown = "number of processes" if flag == "world_size" else flag
     with pytest.raises(train_dreambooth.DreamBoothError, match=f"--{shown} is .* trained with"):
-        run_train(*argv, "--resume_from_checkpoint", "latest")
-    assert sorted(os.listdir(out)) == ["checkpoint-2"], "a refused resume writes nothing"
+        run_train(*train_args(tiny_model, instance_dir, out, "--class_prompt", CLASS_PROMPT,
+                              *RESUME_INVARIANT[flag], "--resume_from_checkpoint", "latest"))
+    assert sorted(os.listdir(out)) == ["checkpoint-1"], "a refused resume writes nothing"
 
 
 # ----------------------------------------------------------------------------------------------
