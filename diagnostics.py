@@ -143,21 +143,20 @@ def mean_squared_difference(a, b):
 
 
 def build_probes(args, concepts, instances, models, autocast):
-    """(subject probes, class probes or None, subject fit) of the models as they are now: the base."""
+    """(subject probes, class probes or None) of the models as they are now: the base."""
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
     rng = np.random.default_rng([args.seed, DIAGNOSTICS_STREAM])
     with measuring(text_encoder, unet):
         latents, prompts = subject_latents(instances, vae, args, rng)
         subject = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
-        fit = mean_squared_difference(predict(unet, text_encoder, subject, autocast), subject.reference)
         class_prompts = sorted({c["class_prompt"] for c in concepts if c.get("class_prompt")})
         if not class_prompts:
             logger.info("Diagnostics: no class prompt (--class_prompt), so class drift is not measured")
-            return subject, None, fit
+            return subject, None
         latents, prompts = sampled_class_latents(class_prompts, models, args, rng, autocast)
         klass = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
         klass.reference = predict(unet, text_encoder, klass, autocast)
-    return subject, klass, fit
+    return subject, klass
 
 
 def save_probes(path, sets):
@@ -265,8 +264,8 @@ class Diagnostics:
 
 def start(args, concepts, instances, models, autocast, writer, step):
     """Rank 0's Diagnostics before the first update of this run (update `step`). A fresh run builds
-    and saves the probe sets and records the base model's numbers (its drift is 0 by definition);
-    a resumed run reuses the saved probe sets."""
+    and saves the probe sets and measures the base model (a class drift other than 0 there would
+    mean wrong probes); a resumed run reuses the saved probe sets."""
     from ppdiffusers.training_utils import unwrap_model
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = models
@@ -282,10 +281,10 @@ def start(args, concepts, instances, models, autocast, writer, step):
                        probe_file, step)
     cost = Cost()
     with cost.counting():
-        subject, klass, fit = build_probes(args, concepts, instances,
-                                           (tokenizer, text_encoder, vae, unet, noise_scheduler), autocast)
+        subject, klass = build_probes(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
+                                      autocast)
     save_probes(probe_file, {"subject": subject, "class": klass})
     write_rows(csv_file, [])
     diagnostics = Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, [], cost)
-    diagnostics.record(step, fit, None if klass is None else 0.0)
+    diagnostics.measure(step)
     return diagnostics

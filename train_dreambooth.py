@@ -379,6 +379,43 @@ def world():
     return dist.get_world_size(), dist.get_rank()
 
 
+def on_every_rank(holds):
+    """Whether `holds` is true on every rank: one all-reduce, so all ranks take the same decision."""
+    import paddle
+    import paddle.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return bool(holds)
+    failures = paddle.to_tensor([0.0 if holds else 1.0])
+    dist.all_reduce(failures)
+    return failures.item() == 0
+
+
+def check_shared_output_dir(output_dir, world_size, rank):
+    """Rank 0 alone writes checkpoints and the result, and every rank reads a checkpoint to resume
+    (its weights, the optimizer and its own RNG state): with several machines, --output_dir must be
+    one folder they share. Checked at the start, not at the first checkpoint or at resume time."""
+    import paddle
+    import paddle.distributed as dist
+
+    token = paddle.to_tensor([random.SystemRandom().randrange(2**31)], dtype="int64")
+    if dist.get_world_size() > 1:
+        dist.broadcast(token, src=0)
+    probe = os.path.join(output_dir, f".shared-check-{token.item()}")  # this run's own name: no stale file counts
+    if rank == 0:
+        with saving(output_dir), open(probe, "w"):
+            pass
+    barrier()
+    shared = on_every_rank(os.path.isfile(probe))
+    barrier()
+    if rank == 0:
+        os.remove(probe)
+    if not shared:
+        raise DreamBoothError(f"--output_dir {output_dir}: the {world_size} processes do not all see rank 0's "
+                              "files; on several machines it must be a folder they share (NFS or the like), or "
+                              "checkpoints cannot resume (see docs/multi_node.md)")
+
+
 def barrier():
     import paddle.distributed as dist
 
@@ -643,8 +680,19 @@ def borrowed(parked):
 
 
 def tokenize(tokenizer, prompt):
-    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_attention_mask=False)["input_ids"]
+    """(input ids, attention mask), padded to the tokenizer's length."""
+    tokens = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                       return_attention_mask=True)
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+def mask_argument(text_encoder, masks):
+    """The attention mask, for text encoders whose config asks for one (as the pipelines pass it:
+    BERT-like encoders need it, CLIP's are trained without)."""
+    import paddle
+
+    wanted = getattr(text_encoder.config, "use_attention_mask", False)
+    return dict(attention_mask=paddle.to_tensor(masks)) if wanted else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,6 +877,10 @@ def load_classes(concepts, args, world_size, rank, precision):
     for concept in concepts:
         wanted = int(concept.get("num_class_images", args.num_class_images))
         paths = list_images(concept["class_data_dir"], "--class_data_dir")[:wanted]
+        if world_size > 1 and not on_every_rank(len(paths) == wanted):  # each rank generated its share
+            raise DreamBoothError(f"--class_data_dir {concept['class_data_dir']}: a process sees fewer than "
+                                  f"the {wanted} class images all processes generated; on several machines it "
+                                  "must be a folder they share, or hold a full copy on each (docs/multi_node.md)")
         if not paths:
             raise DreamBoothError(f"--class_data_dir {concept['class_data_dir']} holds no images; "
                                   "set --num_class_images > 0 to generate them")
@@ -1238,7 +1290,17 @@ def setup_logging(rank):
 
 
 def main(args):
+    """Train. MKL_DEBUG_CPU_TYPE, if this sets it, is for this run only: an in-process caller (a
+    notebook, the tests) must not pass it on to every later subprocess."""
     mkl_code_path = choose_mkl_code_path()  # before any Paddle op
+    try:
+        return train(args, mkl_code_path)
+    finally:
+        if mkl_code_path:
+            os.environ.pop("MKL_DEBUG_CPU_TYPE", None)
+
+
+def train(args, mkl_code_path):
     import paddle
     import paddle.distributed as dist
     from ppdiffusers.optimization import get_scheduler
@@ -1282,6 +1344,8 @@ def main(args):
     if rank == 0:  # the first write to output_dir, once every input has been checked
         with saving(args.output_dir):
             os.makedirs(args.output_dir, exist_ok=True)
+    if world_size > 1:
+        check_shared_output_dir(args.output_dir, world_size, rank)
     args.prediction_type = noise_scheduler.config.prediction_type
     vae_scale = vae.config.scaling_factor
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -1334,7 +1398,8 @@ def main(args):
     embeddings = {}
     if not args.train_text_encoder:
         with paddle.no_grad():
-            embeddings = {p: text_encoder(paddle.to_tensor([ids]))[0] for p, ids in prompt_ids.items()}
+            embeddings = {p: text_encoder(paddle.to_tensor([ids]), **mask_argument(text_encoder, [mask]))[0]
+                          for p, (ids, mask) in prompt_ids.items()}
     posterior_cache = {}
     if args.cache_latents:
         with paddle.no_grad():
@@ -1429,7 +1494,8 @@ def main(args):
         prompts = [item.prompt for item in batch["items"]]
         if args.train_text_encoder:
             with autocast():
-                encoder_states = text_encoder(paddle.to_tensor([prompt_ids[p] for p in prompts]))[0]
+                ids, masks = zip(*(prompt_ids[p] for p in prompts))
+                encoder_states = text_encoder(paddle.to_tensor(ids), **mask_argument(models["text_encoder"], masks))[0]
         else:
             encoder_states = paddle.concat([embeddings[p] for p in prompts])
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)

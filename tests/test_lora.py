@@ -8,26 +8,64 @@ import pytest
 from conftest import GRADIENT_LIKE, load_weights, run_cli, run_train, train_args
 
 RANK = 2
+# The UNet's output on a fixed input, computed from the trained models in memory just before the
+# trainer saves them, per output folder: what a loaded LoRA must reproduce.
+TRAINED_OUTPUTS = {}
+
+
+def model_output(unet, text_encoder, tokenizer, seed=0):
+    import paddle
+
+    rng = np.random.default_rng(seed)
+    x = paddle.to_tensor(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+    ids = paddle.to_tensor([tokenizer("a photo of sks dog", padding="max_length",
+                                      max_length=tokenizer.model_max_length)["input_ids"]])
+    with paddle.no_grad():
+        return unet(x, paddle.to_tensor([500]), text_encoder(ids)[0]).sample.numpy()
+
+
+def unet_output(pipe, seed=0):
+    return model_output(pipe.unet, pipe.text_encoder, pipe.tokenizer, seed)
+
+
+def train_recording_outputs(*argv):
+    """run_train, keeping the trained models' own output in TRAINED_OUTPUTS[output_dir]."""
+    import train_dreambooth
+
+    real = train_dreambooth.save_final
+
+    def recording(args, unet, text_encoder, tokenizer):
+        TRAINED_OUTPUTS[str(args.output_dir)] = model_output(unet, text_encoder, tokenizer)
+        return real(args, unet, text_encoder, tokenizer)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_dreambooth, "save_final", recording)
+        run_train(*argv)
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model, instance_dir, tmp_path_factory):
     before = {c: load_weights(tiny_model, c) for c in ("unet", "vae", "text_encoder")}
     out = tmp_path_factory.mktemp("lora")
-    run_train(*train_args(tiny_model, instance_dir, out, "--use_lora", "--lora_rank", RANK, "--lora_alpha", 4,
-                          "--max_train_steps", 4, "--save_steps", 2, "--learning_rate", 1e-2))
+    train_recording_outputs(*train_args(tiny_model, instance_dir, out, "--use_lora", "--lora_rank", RANK,
+                                        "--lora_alpha", 4, "--max_train_steps", 4, "--save_steps", 2,
+                                        "--learning_rate", 1e-2, "--export_single_file"))
     return out, before
 
 
-def unet_output(pipe, seed=0):
-    import paddle
+def test_a_loaded_unet_lora_reproduces_the_trained_model_own_outputs(tiny_model, lora_run):
+    """alpha 4, rank 2: the scale 2 the trained model applied must survive the save, through
+    ppdiffusers' load_lora_weights and through its reader of the kohya file WebUI takes."""
+    from ppdiffusers import StableDiffusionPipeline
 
-    rng = np.random.default_rng(seed)
-    x = paddle.to_tensor(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
-    ids = paddle.to_tensor([pipe.tokenizer("a photo of sks dog", padding="max_length",
-                                           max_length=pipe.tokenizer.model_max_length)["input_ids"]])
-    with paddle.no_grad():
-        return pipe.unet(x, paddle.to_tensor([500]), pipe.text_encoder(ids)[0]).sample.numpy()
+    out, _ = lora_run
+    trained = TRAINED_OUTPUTS[str(out)]
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    assert np.abs(unet_output(base) - trained).max() > 1e-3, "the LoRA must have trained"
+    for weight_name in (None, os.path.basename(out) + ".safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+        pipe.load_lora_weights(str(out), **({"weight_name": weight_name} if weight_name else {}))
+        np.testing.assert_allclose(unet_output(pipe), trained, atol=1e-5, err_msg=str(weight_name))
 
 
 def test_base_weights_are_untouched_and_the_lora_loads_into_the_base(tiny_model, lora_run):
@@ -89,9 +127,17 @@ TEXT_LORA_FLAGS = ("--use_lora", "--train_text_encoder", "--lora_rank", RANK, "-
 def text_lora_run(tiny_model, instance_dir, tmp_path_factory):
     before = {c: load_weights(tiny_model, c) for c in ("unet", "vae", "text_encoder")}
     out = tmp_path_factory.mktemp("text-lora")
-    run_train(*train_args(tiny_model, instance_dir, out, *TEXT_LORA_FLAGS, "--max_train_steps", 4, "--save_steps", 2,
-                          "--learning_rate", 1e-2, "--export_single_file"))
+    train_recording_outputs(*train_args(tiny_model, instance_dir, out, *TEXT_LORA_FLAGS, "--max_train_steps", 4,
+                                        "--save_steps", 2, "--learning_rate", 1e-2, "--export_single_file"))
     return out, before
+
+
+def test_load_lora_reproduces_the_trained_model_own_outputs_with_its_text_encoder(tiny_model, text_lora_run):
+    import train_dreambooth
+
+    out, _ = text_lora_run
+    loaded = train_dreambooth.load_lora(base_pipeline(tiny_model), str(out))
+    np.testing.assert_allclose(unet_output(loaded), TRAINED_OUTPUTS[str(out)], atol=1e-5)
 
 
 def text_states(pipe):

@@ -145,16 +145,6 @@ def test_warmup_is_counted_in_optimizer_updates(tiny_model, instance_dir, tmp_pa
         assert plain[step] == pytest.approx(lr) and accumulated[step] == pytest.approx(lr), (plain, accumulated)
 
 
-def test_no_gradient_crosses_an_epoch_boundary(tiny_model, tmp_path):
-    """3 images, accumulation 2: each epoch is one full update and one of a single micro-batch,
-    and the epoch's leftover batch must not leak into the next epoch's first update."""
-    three = make_images(tmp_path / "three", n=3)
-    run_train(*train_args(tiny_model, three, tmp_path / "out", "--gradient_accumulation_steps", 2,
-                          "--num_train_epochs", 2, "--max_train_steps", None))
-    steps = logged_scalars(tmp_path / "out", "train/loss")
-    assert sorted(steps) == [1, 2, 3, 4]
-
-
 def test_two_processes_equal_one_process_on_the_union_of_their_batches(tiny_model, instance_dir, tmp_path):
     """Rank r of 2 (batch 1) trains on the r-th sample of the global batch the one-process run
     (batch 2) sees whole: after two updates their weights agree within float tolerance."""

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Apply deliberate bugs, one at a time, to a scratch copy of the repository and check that the
+tests meant to catch each one fail.
+
+    python tools/deliberate_bugs.py                 # every bug; exit 1 if one is not caught
+    python tools/deliberate_bugs.py --list          # the bugs and their test selections
+    python tools/deliberate_bugs.py --only NAME ... # some of them
+    python tools/deliberate_bugs.py --write         # also write docs/deliberate_bugs.md
+
+A bug is a snippet of a tracked file and its replacement. The snippet must occur exactly once:
+when a refactor moves or rewrites the code, the script says which bug no longer applies (and
+exits 1) instead of silently testing nothing. A bug counts as caught only when its pytest
+selection runs and at least one test fails (exit status 1); a selection that collects nothing
+or does not import is reported as an error, not as caught.
+
+Not part of CI (it runs each selection once per bug, minutes in all): run it before claiming that
+the tests guard the behaviours below, and after refactoring the code they name.
+"""
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT = os.path.join("docs", "deliberate_bugs.md")
+
+
+@dataclass
+class Bug:
+    name: str
+    what: str  # the behaviour it breaks, for the report
+    file: str
+    original: str
+    replacement: str
+    tests: list  # pytest arguments: node ids, files, -k expressions
+
+    def selection(self):
+        return " ".join(self.tests)
+
+
+T = "train_dreambooth.py"
+NUMERICS = "tests/test_numerics.py"
+BLIND = "tests/test_blind_spots.py"
+MULTI = "tests/test_multi_process.py"
+
+BUGS = [
+    Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", T,
+        'target = noise_scheduler.get_velocity(latents, noise, timesteps) \\\n'
+        '            if args.prediction_type == "v_prediction" else noise',
+        "target = noise", [NUMERICS, "-k", "v_prediction_models"]),
+    Bug("epsilon_target_is_velocity", "epsilon models train against the velocity", T,
+        'if args.prediction_type == "v_prediction" else noise', 'if args.prediction_type != "v_prediction" else noise',
+        [NUMERICS, "-k", "first_update"]),
+    Bug("latent_scale_dropped", "latents not multiplied by the VAE's scaling_factor", T,
+        'latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"]))) * vae_scale',
+        'latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"])))',
+        [NUMERICS, "-k", "first_update"]),
+    Bug("prior_loss_weight_ignored", "the class loss is added with weight 1 whatever --prior_loss_weight", T,
+        "loss = loss + args.prior_loss_weight * per_sample[num_instance:].mean()",
+        "loss = loss + per_sample[num_instance:].mean()",
+        [NUMERICS, "-k", "compute_loss or first_update"]),
+    Bug("accumulation_not_divided", "accumulated micro-batch losses summed, not averaged", T,
+        "args.train_batch_size, args, snr_of(timesteps)) / len(group)",
+        "args.train_batch_size, args, snr_of(timesteps))",
+        [NUMERICS, "-k", "accumulation_equals"]),
+    Bug("short_group_divided_by_full_accumulation", "an epoch's last, shorter group averaged over "
+        "--gradient_accumulation_steps instead of the micro-batches it has", T,
+        "args.train_batch_size, args, snr_of(timesteps)) / len(group)",
+        "args.train_batch_size, args, snr_of(timesteps)) / args.gradient_accumulation_steps",
+        [BLIND, "-k", "epoch_boundary"]),
+    Bug("no_sync_on_last_micro_batch", "gradients all-reduced on the first micro-batch of a group instead of "
+        "the last (the last micro-batch's gradient never reaches the other rank)", T,
+        "with no_sync() if batch_index != group[-1] else contextlib.nullcontext():",
+        "with no_sync() if batch_index != group[0] else contextlib.nullcontext():",
+        [MULTI, "-k", "run_multi"]),
+    # The optimizer's state carries the schedule's position too, so the bug drops it from both.
+    Bug("lr_schedule_not_restored", "a resumed run restarts the lr schedule from update 0", T,
+        '    optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))\n'
+        '    lr_scheduler.set_state_dict(state["lr_scheduler"])\n',
+        '    saved = rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back)\n'
+        '    optimizer.set_state_dict({k: v for k, v in saved.items() if k != "LR_Scheduler"})\n',
+        [BLIND, "-k", "cosine"]),
+    Bug("noise_keyed_by_local_position", "per-sample noise keyed by the position in this rank's batch, "
+        "not in the global batch: processes and batch sizes see different noise", T,
+        "keyed = [(instances[batch_items[pos] % len(instances)], (epoch, batch_index * global_batch + pos, 0))",
+        "keyed = [(instances[batch_items[pos] % len(instances)], (epoch, batch_index * args.train_batch_size + pos, "
+        "0))",
+        [MULTI, "-k", "run_multi"]),
+    Bug("noise_not_keyed_by_epoch", "every epoch draws the same noise, crops and flips", T,
+        "rng = np.random.default_rng([seed, NOISE_STREAM, *key])",
+        "rng = np.random.default_rng([seed, NOISE_STREAM, 0, *key[1:]])",
+        [BLIND, "-k", "epoch_boundary"]),
+    Bug("commit_dir_deletes_first", "replacing a folder deletes the old one before the new one is in place", T,
+        "    if os.path.exists(final):\n        os.replace(final, old)\n",
+        "    if os.path.exists(final):\n        shutil.rmtree(final)\n",
+        ["tests/test_resume.py", "-k", "crash_while_replacing"]),
+    Bug("lora_alpha_not_folded", "the saved LoRA lacks the alpha / rank scale the trained model used", T,
+        "scale = args.lora_alpha / args.lora_rank", "scale = 1.0",
+        ["tests/test_lora.py", "-k", "trained_model_own_outputs"]),
+    Bug("lora_alpha_folded_twice", "alpha / rank folded into the down and the up weights", T,
+        'return {k: v * scale if ".up." in k else v for k, v in state.items()}',
+        "return {k: v * scale for k, v in state.items()}",
+        ["tests/test_lora.py", "-k", "trained_model_own_outputs"]),
+    Bug("random_crop_always_centered", "uncached training crops the center instead of a random window", T,
+        "box = crop_box(self.image, args.height, args.width, not self.random_crop, rng)",
+        "box = crop_box(self.image, args.height, args.width, True, rng)",
+        [BLIND, "-k", "random_crop_and_flip"]),
+    Bug("uncached_flip_not_applied", "--random_flip without cached latents decides a flip but never flips", T,
+        "return to_pixels(self.image.crop(box), flip), flip", "return to_pixels(self.image.crop(box), False), flip",
+        [BLIND, "-k", "random_crop_and_flip"]),
+    Bug("cached_flip_not_applied", "--random_flip with cached latents always uses the unflipped latents", T,
+        "cached = [posterior_cache[id(item), flip] for item, flip in zip(batch[\"items\"], batch[\"flips\"])]",
+        "cached = [posterior_cache[id(item), False] for item in batch[\"items\"]]",
+        [BLIND, "-k", "cached_flip"]),
+    Bug("class_images_not_split", "every rank generates the first rank's share of class images", T,
+        "mine = indices[rank::world_size]", "mine = indices[::world_size]",
+        [MULTI, "-k", "run_multi"]),
+    Bug("noise_offset_per_pixel", "--noise_offset adds independent noise per pixel, not one offset per channel", T,
+        "noise += noise_offset * rng.standard_normal((latent_shape[0], 1, 1), dtype=np.float32)",
+        "noise += noise_offset * rng.standard_normal(latent_shape, dtype=np.float32)",
+        [BLIND, "-k", "noise_offset"]),
+    Bug("snr_gamma_not_applied", "--snr_gamma parsed but the loss is not weighted in training", T,
+        "return compute_snr(noise_scheduler, timesteps) if args.snr_gamma else None", "return None",
+        [BLIND, "-k", "snr_gamma"]),
+    Bug("snr_weight_clipped_from_below", "Min-SNR clips the SNR from below instead of above", T,
+        "clipped = snr.clip(max=args.snr_gamma)", "clipped = snr.clip(min=args.snr_gamma)",
+        [NUMERICS, "-k", "min_snr"]),
+    Bug("validation_leaves_text_encoder_in_eval", "validation does not put the trained text encoder back "
+        "into training mode (its dropout stops)", T,
+        "    text_encoder.train(modes[1])\n    paddle.set_rng_state(rng)\n",
+        "    paddle.set_rng_state(rng)\n",
+        [BLIND, "-k", "bit_identical"]),
+    Bug("validation_samples_the_base_unet", "validation images come from the base UNet, not the trained one", T,
+        "pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,",
+        "pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=type(unet)"
+        ".from_pretrained(args.pretrained_model_name_or_path, subfolder=\"unet\"),",
+        [BLIND, "-k", "validation_samples"]),
+    Bug("attention_mask_dropped", "a text encoder whose config sets use_attention_mask gets no mask", T,
+        "return dict(attention_mask=paddle.to_tensor(masks)) if wanted else {}", "return {}",
+        [BLIND, "-k", "attention_mask"]),
+    Bug("resume_ignores_process_count", "a checkpoint of 2 processes resumes on 1 (other batches and noise)", T,
+        '"center_crop", "random_flip", "world_size",', '"center_crop", "random_flip",',
+        [BLIND, "-k", "refuses"]),
+    Bug("explicit_checkpoint_ignored", "--resume_from_checkpoint <folder> resumes from the latest instead", T,
+        "    return args.resume_from_checkpoint\n\n\ndef read_training_state",
+        "    return list_checkpoints(args.output_dir)[-1]\n\n\ndef read_training_state",
+        [BLIND, "-k", "older_checkpoint"]),
+    Bug("class_sampler_ignored", "--class_sampler has no effect: class images use the model's own scheduler", T,
+        "pipe.scheduler = sampler.from_config(pipe.scheduler.config)", "pass",
+        [BLIND, "-k", "class_sampler"]),
+    Bug("prefetch_out_of_order", "--dataloader_num_workers hands batches over out of order", T,
+        "            if len(pending) > 2 * workers:\n                yield pending.popleft().result()",
+        "            if len(pending) > 2 * workers:\n                yield pending.pop().result()",
+        [BLIND, "-k", "dataloader_workers"]),
+    Bug("logging_steps_ignored", "scalars are logged at every update whatever --logging_steps", T,
+        "if global_step % args.logging_steps == 0:", "if True:",
+        [BLIND, "-k", "logging_steps"]),
+    Bug("export_half_ignored", "--export_half through the trainer writes float32", T,
+        "export_single_file.export_pipeline(args.output_dir, out, half=args.export_half)",
+        "export_single_file.export_pipeline(args.output_dir, out, half=False)",
+        [BLIND, "-k", "export_half"]),
+    Bug("validation_rng_not_restored", "validation leaves Paddle's RNG where its sampling left it", T,
+        "    paddle.set_rng_state(rng)\n    folder = os.path.join(args.output_dir, \"validation\")",
+        "    folder = os.path.join(args.output_dir, \"validation\")",
+        [BLIND, "-k", "bit_identical"]),
+    Bug("diagnostics_leave_eval_mode", "a diagnostics measurement leaves the models in eval mode", "diagnostics.py",
+        "        for model, mode in zip(models, modes):\n            model.train(mode)",
+        "        for model, mode in zip(models, modes):\n            pass",
+        [BLIND, "-k", "bit_identical"]),
+    Bug("class_drift_at_step_0_assumed", "the step-0 class drift is written as 0 instead of measured",
+        "diagnostics.py", "    diagnostics.measure(step)\n    return diagnostics",
+        "    diagnostics.record(step, 0.0, None if klass is None else 0.0)\n    return diagnostics",
+        [BLIND, "-k", "class_drift"]),
+    Bug("output_dir_sharing_unchecked", "a multi-machine run without a shared --output_dir starts anyway", T,
+        "shared = on_every_rank(os.path.isfile(probe))", "shared = True",
+        [MULTI, "-k", "output_dir_stops"]),
+    Bug("class_dir_sharing_unchecked", "a process that sees only some of the class images trains on them", T,
+        "if world_size > 1 and not on_every_rank(len(paths) == wanted):", "if False:",
+        [MULTI, "-k", "class_images_other_processes"]),
+    Bug("mkl_variable_leaks", "main() leaves MKL_DEBUG_CPU_TYPE in the caller's environment", T,
+        '            os.environ.pop("MKL_DEBUG_CPU_TYPE", None)\n', "            pass\n",
+        [BLIND, "-k", "mkl"]),
+]
+
+
+def tracked_files():
+    """Tracked files plus new, not yet ignored ones: the tree as it is, uncommitted edits included."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [p for p in out.split("\0") if p and os.path.isfile(os.path.join(ROOT, p))]
+
+
+def scratch_copy(files):
+    folder = tempfile.mkdtemp(prefix="deliberate-bugs-")
+    for rel in files:
+        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), os.path.join(folder, rel))
+    return folder
+
+
+def apply(bug, folder):
+    """Write the bug into the copy; returns None, or why it cannot be applied."""
+    path = os.path.join(folder, bug.file)
+    if not os.path.isfile(path):
+        return f"{bug.file} does not exist"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    count = text.count(bug.original)
+    if count != 1:
+        where = "no longer occurs" if count == 0 else f"occurs {count} times"
+        return f"its snippet {where} in {bug.file}; update the bug in tools/deliberate_bugs.py to the code's new form"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(bug.original, bug.replacement))
+    return None
+
+
+def run_bug(bug, files, timeout):
+    """(verdict, seconds, last lines of pytest's output). verdict: caught, NOT CAUGHT, or error: why.
+    A bug of None runs the selection on the unchanged copy (the baseline, which must pass)."""
+    folder = scratch_copy(files)
+    started = time.time()
+    try:
+        problem = apply(bug, folder) if bug.original else None
+        if problem:
+            return f"error: {problem}", 0.0, ""
+        # Some tests start `python`: make it this interpreter, activated or not.
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+               "--basetemp", os.path.join(folder, ".pytest-tmp"), *bug.tests]
+        try:
+            proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"error: the tests ran over {timeout} s", time.time() - started, ""
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        verdict = {0: "NOT CAUGHT", 1: "caught", 5: "error: the selection collects no tests"}.get(
+            proc.returncode, f"error: pytest exit status {proc.returncode}")
+        return verdict, time.time() - started, tail
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def markdown(rows, date):
+    lines = ["# Deliberate bugs and the tests that catch them", "",
+             "Generated by `python tools/deliberate_bugs.py --write` on " + date + ". Each bug is applied alone to "
+             "a scratch copy of the repository and its test selection is run there; *caught* means at least one "
+             "of those tests failed. The bugs themselves (file, snippet, replacement) are listed in "
+             "`tools/deliberate_bugs.py`.", "",
+             "| bug | what it breaks | tests run | caught? | seconds |", "|---|---|---|---|---|"]
+    for bug, verdict, seconds, _ in rows:
+        lines.append(f"| `{bug.name}` | {bug.what} | `{bug.selection()}` | {verdict} | {seconds:.0f} |")
+    caught = sum(v == "caught" for _, v, _, _ in rows)
+    lines += ["", f"{caught} of {len(rows)} bugs caught.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--list", action="store_true", help="List the bugs and their tests, run nothing.")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="Run only these bugs.")
+    p.add_argument("--write", action="store_true", help=f"Write the results to {REPORT}.")
+    p.add_argument("--timeout", type=int, default=900, help="Seconds allowed per bug's tests.")
+    p.add_argument("-v", "--verbose", action="store_true", help="Show pytest's last lines for every bug.")
+    p.add_argument("--baseline", action="store_true",
+                   help="First run each distinct test selection without any bug: all must pass, or a failure "
+                        "would count as a catch.")
+    args = p.parse_args(argv)
+    bugs = BUGS
+    if args.only:
+        unknown = sorted(set(args.only) - {b.name for b in BUGS})
+        if unknown:
+            p.error(f"--only: no bug named {', '.join(unknown)} (see --list)")
+        bugs = [b for b in BUGS if b.name in args.only]
+    if args.list:
+        for bug in bugs:
+            print(f"{bug.name:45} {bug.file:22} {bug.selection()}\n    {bug.what}")
+        return 0
+    files = tracked_files()
+    if args.baseline:
+        selections = {b.selection(): b.tests for b in bugs}
+        for selection, tests in selections.items():
+            verdict, seconds, tail = run_bug(Bug("baseline", "", "", "", "", tests), files, args.timeout)
+            print(f"baseline {selection}: {'passes' if verdict == 'NOT CAUGHT' else 'FAILS'} ({seconds:.0f} s)",
+                  flush=True)
+            if verdict != "NOT CAUGHT":
+                print("    " + tail.replace("\n", "\n    "), file=sys.stderr)
+                print(f"the tests {selection} fail without any bug: fix them first", file=sys.stderr)
+                return 1
+    rows = []
+    width = max(len(b.name) for b in bugs)
+    print(f"{'bug':{width}} | {'tests run':55} | {'caught?':10} | seconds", flush=True)
+    for bug in bugs:
+        verdict, seconds, tail = run_bug(bug, files, args.timeout)
+        rows.append((bug, verdict, seconds, tail))
+        print(f"{bug.name:{width}} | {bug.selection():55} | {verdict:10} | {seconds:.0f}", flush=True)
+        if args.verbose or verdict != "caught":
+            print("    " + tail.replace("\n", "\n    "), flush=True)
+    if args.write:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(os.path.join(ROOT, REPORT), "w", encoding="utf-8") as f:
+            f.write(markdown(rows, date))
+        print(f"wrote {REPORT}")
+    missed = [b.name for b, v, _, _ in rows if v != "caught"]
+    if missed:
+        print(f"{len(missed)} of {len(rows)} bugs not caught or not applicable: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    print(f"all {len(rows)} bugs caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
