@@ -183,13 +183,14 @@ def read_rows(path, up_to_step):
     return [r for r in rows if r[0] <= up_to_step]
 
 
-def write_rows(path, rows, mode="w"):
-    with open(path, mode, newline="") as f:
+def write_rows(path, rows):
+    """All rows, written beside the file and renamed over it: a full disk never leaves a cut-off row."""
+    with open(path + ".tmp", "w", newline="") as f:
         out = csv.writer(f)
-        if mode == "w":
-            out.writerow(["step", "subject_fit", "class_drift"])
+        out.writerow(["step", "subject_fit", "class_drift"])
         for step, fit, drift in rows:
             out.writerow([step, f"{fit:.8g}", "" if drift is None else f"{drift:.8g}"])
+    os.replace(path + ".tmp", path)
 
 
 def plot(path, runs):
@@ -211,7 +212,8 @@ def plot(path, runs):
         if len(runs) > 1:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    os.replace(path + ".tmp", path)
 
 
 class Cost:
@@ -249,7 +251,7 @@ class Diagnostics:
         if drift is not None:
             self.writer.add_scalar("diag/class_drift", drift, step)
         self.rows.append((step, fit, drift))
-        write_rows(os.path.join(self.output_dir, CSV_FILE), [self.rows[-1]], mode="a")
+        write_rows(os.path.join(self.output_dir, CSV_FILE), self.rows)
 
     def finish(self, step):
         """The last measurement (unless this update had one) and the plot."""

@@ -20,8 +20,10 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -64,8 +66,12 @@ class DreamBoothError(Exception):
     """A problem the user can fix: reported as one line, exit code 1."""
 
 
-class Interrupted(DreamBoothError):
-    """SIGTERM or Ctrl-C: a checkpoint was written; exit code 130."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C, reported as one line saying what was kept; exit code 130. A BaseException,
+    as KeyboardInterrupt is, so that no library's `except Exception` swallows it."""
+
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report Ctrl-C; also for SIGTERM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +288,13 @@ def list_images(folder, flag, must_exist=True):
 
 def open_rgb(path):
     """Decode any image mode to 8-bit RGB, upright as the camera meant (EXIF orientation)."""
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # PIL warns above half its limit; said in words below instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        logger.warning("%s has %dx%d = %s pixels: decoding it takes much memory; downscale it", path,
+                       image.width, image.height, f"{image.width * image.height:,}")
+    with image:
         image.load()
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: 65535 is white, as 255 is in 8 bits
@@ -300,16 +312,34 @@ def open_rgb(path):
 
 def load_images(paths, flag):
     """Decode every file; all unreadable files are named in one error."""
-    images, bad = [], []
+    images, bad, huge = [], [], []
     for path in paths:
         try:
             images.append(open_rgb(path))
+        except Image.DecompressionBombError:
+            width, height = image_size(path)
+            huge.append(f"{path} has {width}x{height} = {width * height:,} pixels")
         except Exception as e:  # PIL raises many types for corrupt files
-            bad.append(f"{path} ({type(e).__name__})")
+            bad.append(f"{path} ({first_line(e)})")
+    if huge:
+        raise DreamBoothError(f"{flag}: {len(huge)} image(s) too large to decode safely: {'; '.join(huge)}; the limit "
+                              f"is {2 * Image.MAX_IMAGE_PIXELS:,} pixels: downscale them (training uses only "
+                              "a few hundred pixels a side)")
     if bad:
         raise DreamBoothError(f"{flag}: cannot read {len(bad)} image file(s): {'; '.join(bad)}; "
                               "remove or re-save them")
     return images
+
+
+def image_size(path):
+    """(width, height) from the file's header, even above PIL's decompression-bomb limit (nothing is decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def resize_to_cover(image, height, width):
@@ -440,7 +470,7 @@ def load_text_encoder_class(model):
 
 
 def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (str(error).strip().splitlines() or ["no reason given"])[0]
 
 
 def download_source():
@@ -494,11 +524,14 @@ def load_models(args, resume_from=None):
     text_encoder = load("text_encoder", lambda: load_text_encoder_class(model).from_pretrained(
         model, subfolder="text_encoder"))
     if resume_from and args.train_text_encoder and not args.use_lora:  # LoRA resumes onto the base
-        text_encoder = load("text_encoder", lambda: type(text_encoder).from_pretrained(
-            resume_from, subfolder="text_encoder"))
+        with reading_checkpoint(resume_from, "text_encoder"):
+            text_encoder = type(text_encoder).from_pretrained(resume_from, subfolder="text_encoder")
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
-    trained_unet = resume_from if resume_from and not args.use_lora else model  # LoRA resumes onto the base
-    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(trained_unet, subfolder="unet"))
+    if resume_from and not args.use_lora:  # LoRA resumes onto the base
+        with reading_checkpoint(resume_from, "unet"):
+            unet = UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet")
+    else:
+        unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
     noise_scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
@@ -679,6 +712,41 @@ def borrowed(parked):
         park(parked)
 
 
+def identifier_words(concepts):
+    """The words of an instance prompt that its class prompt lacks ("sks" in "a photo of sks dog" against
+    "a photo of dog"): the rare tokens subjects are learned under. Concepts without a class prompt add none."""
+    return {w for c in concepts if c.get("class_prompt")
+            for w in c["instance_prompt"].split() if w not in c["class_prompt"].split()}
+
+
+def check_prompts(tokenizer, concepts, instances, validation_prompts):
+    """The tokenizer keeps model_max_length tokens of a prompt: warn when it cuts one, saying how much,
+    and refuse when the cut drops an identifier from an instance prompt or caption."""
+    identifiers = identifier_words(concepts)
+    for prompt in sorted({it.prompt for it in instances}):
+        check_prompt_length(tokenizer, prompt, [w for w in prompt.split() if w in identifiers])
+    for prompt in validation_prompts or []:
+        check_prompt_length(tokenizer, prompt)
+
+
+def check_prompt_length(tokenizer, prompt, identifier=None):
+    limit = tokenizer.model_max_length
+    ids = tokenizer(prompt, truncation=False, return_attention_mask=False)["input_ids"]
+    if len(ids) <= limit:
+        return
+    dropped = len(ids) - limit
+    kept = list(tokenize(tokenizer, prompt))
+    for word in identifier or []:
+        word_ids = list(tokenizer(word, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+        inside = any(kept[i:i + len(word_ids)] == word_ids for i in range(len(kept) - len(word_ids) + 1))
+        if word_ids and not inside:
+            raise DreamBoothError(f"the prompt {prompt!r} is {len(ids)} tokens, the tokenizer keeps {limit}, and the "
+                                  f"{dropped} it drops hold the identifier {word!r}; shorten the prompt or put "
+                                  f"{word!r} nearer its start")
+    logger.warning("The prompt %r is %d tokens; the tokenizer keeps %d, so its last %d are dropped", prompt,
+                   len(ids), limit, dropped)
+
+
 def tokenize(tokenizer, prompt):
     """(input ids, attention mask), padded to the tokenizer's length."""
     tokens = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
@@ -819,7 +887,8 @@ def generate_class_images(concept, args, world_size, rank, precision, pipe=None)
         return pipe
     dtype, autocast = precision
     pipe = pipe or load_sampling_pipeline(args, dtype)  # a broken model fails here, before anything is written
-    os.makedirs(folder, exist_ok=True)
+    with saving(folder, "choose a --class_data_dir you can write to"):
+        os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):  # images a killed run left half-written
         if name.endswith(".png.tmp"):
             os.remove(os.path.join(folder, name))
@@ -839,8 +908,10 @@ def generate_class_images(concept, args, world_size, rank, precision, pipe=None)
                               num_inference_steps=args.class_inference_steps).images
             for i, image in zip(batch, images):
                 path = os.path.join(folder, class_image_name(prompt, i))
-                image.save(path + ".tmp", format="PNG")  # not *.png until complete
-                os.replace(path + ".tmp", path)
+                with saving(path, "the class images already written are kept: free disk space (or fix the folder) "
+                            "and rerun the same command to generate the rest", staging=path + ".tmp"):
+                    image.save(path + ".tmp", format="PNG")  # not *.png until complete
+                    os.replace(path + ".tmp", path)
             bar.update(len(batch))
     seconds, cpu_seconds = time.time() - started, time.process_time() - cpu_started
     logger.info("Class images: %.4f images/s on rank %d (%d in %.1f s, %.1f CPU s)", len(mine) / seconds, rank,
@@ -936,21 +1007,32 @@ def compute_loss(model_pred, target, num_instance, args, snr=None):
 # Saving
 
 
-def atomic_dir(final):
-    """A fresh staging folder beside `final`; commit_dir renames it into place."""
-    tmp = f"{final}.tmp"
+def atomic_dir(final, run_id=""):
+    """A fresh staging folder beside `final`, named for this run; commit_dir renames it into place."""
+    tmp = staging_name(final, "tmp", run_id)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
 
 
-def commit_dir(tmp, final):
+def staging_name(final, kind, run_id=""):
+    """final.tmp-<run id> (being written) or final.old-<run id> (being replaced): the run id keeps two
+    runs that share a folder by mistake from writing into one staging folder."""
+    return f"{final}.{kind}" + (f"-{run_id}" if run_id else "")
+
+
+STAGING_PATTERN = re.compile(r"(?P<final>.+)\.(?P<kind>tmp|old)(-[0-9a-f]+)?")
+
+
+def commit_dir(tmp, final, run_id=""):
     """Replace `final` by `tmp`. A crash leaves either the old or the new folder under the final
-    name, or the old one under final.old, which recover_interrupted_saves puts back."""
-    old = f"{final}.old"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
+    name, or the old one under final.old-<run id>, which recover_interrupted_saves puts back.
+    Signals wait until both renames are done."""
+    old = staging_name(final, "old", run_id)
+    with signals_deferred():
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -970,28 +1052,272 @@ def recover_interrupted_saves(folder):
     trainer stages are touched: checkpoint-N, final and the pipeline's own files."""
     if not os.path.isdir(folder):
         return
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        base = name[:-4]
-        if not (name.endswith((".tmp", ".old")) and (checkpoint_step(base) is not None or base == "final"
-                                                     or base in PIPELINE_ENTRIES)):
+    for name in sorted(os.listdir(folder)):
+        path, staged = os.path.join(folder, name), STAGING_PATTERN.fullmatch(name)
+        if not staged or not (checkpoint_step(staged["final"]) is not None or staged["final"] == "final"
+                              or staged["final"] in PIPELINE_ENTRIES):
             continue
-        if name.endswith(".old") and not os.path.exists(path[:-4]):
-            os.replace(path, path[:-4])
-            logger.warning("Restored %s, whose replacement was interrupted", path[:-4])
+        final = os.path.join(folder, staged["final"])
+        if staged["kind"] == "old" and not os.path.exists(final):
+            os.replace(path, final)
+            logger.warning("Restored %s, whose replacement was interrupted", final)
         else:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def write_failures():
+    """What writers raise when a write fails: OSError from Python's files (json, pickle, PNG, CSV,
+    paddle.save, the log writers), SafetensorError from safetensors, RuntimeError from Paddle."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError, RuntimeError
+
+
+def failure_reason(error):
+    """A failed write in words: the system's reason (safetensors puts it after "I/O error: ")."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = first_line(error)
+    wrapped = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", text)
+    return wrapped.group(1) if wrapped else text
+
+
 @contextlib.contextmanager
-def saving(what):
-    """Turn a failed write (a full disk, a lost mount) into one clear error; the staging folder is
-    dropped and what was saved before stays intact."""
+def saving(what, fix, staging=None):
+    """Run writes under one guard: a failed write (a full disk, a lost mount, no permission) becomes
+    one line naming `what` and the `fix`. Whatever stops the writes, a failure or an interrupt, the
+    `staging` folder or file goes: what was complete before stays, and nothing half-written is left."""
     try:
         yield
+    except BaseException as e:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True) if os.path.isdir(staging) else remove_if_exists(staging)
+        if isinstance(e, write_failures()):
+            where = what if staging else getattr(e, "filename", None) or what
+            raise DreamBoothError(f"could not write {where} ({failure_reason(e)}); {fix}") from e
+        raise
+
+
+def remove_if_exists(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def resume_fix(output_dir):
+    """What to do after a failed write in output_dir: the newest complete checkpoint survives it."""
+    kept = list_checkpoints(output_dir)
+    kept = f"the previous checkpoint {kept[-1]} is intact" if kept else "no checkpoint was written yet"
+    return (f"{kept}: free disk space (or fix the folder), then rerun the same command with "
+            "--resume_from_checkpoint latest")
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints verify themselves: a manifest of the sizes and SHA-256 of their files, written last.
+
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path):
+    """Read in 1 MiB blocks: memory stays flat for multi-GB weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+def write_manifest(folder):
+    files = {name: dict(size=os.path.getsize(os.path.join(folder, name)),
+                        sha256=file_sha256(os.path.join(folder, name))) for name in checkpoint_files(folder)}
+    write_json(os.path.join(folder, MANIFEST), dict(files=files))
+
+
+def checkpoint_problem(folder):
+    """Why a checkpoint cannot be trusted, naming the file, or None if it verifies. A checkpoint of
+    an earlier version has no manifest: it passes unverified (resume says so)."""
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        missing = [n for n in ("training_state.json", "optimizer.pdopt") if not os.path.isfile(os.path.join(folder, n))]
+        return f"{os.path.join(folder, missing[0])} is missing" if missing else None
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{manifest} is damaged ({first_line(e)})"
+    for name, entry in files.items():  # sizes first: cheap, and they catch truncation
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != entry["size"]:
+            return (f"{path} has {os.path.getsize(path)} bytes where {entry['size']} were written (truncated or "
+                    "replaced)")
+    for name, entry in files.items():
+        if file_sha256(os.path.join(folder, name)) != entry["sha256"]:
+            return f"{os.path.join(folder, name)} differs from what was written (its SHA-256 does not match)"
+    return None
+
+
+def newest_good_checkpoint(output_dir, skip=()):
+    """(newest checkpoint of output_dir that verifies or None, [(checkpoint, problem)] of newer ones)."""
+    bad = []
+    for folder in reversed(list_checkpoints(output_dir)):
+        if os.path.abspath(folder) in {os.path.abspath(s) for s in skip}:
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, bad
+        bad.append((folder, problem))
+    return None, bad
+
+
+def good_checkpoint_advice(folder):
+    """Where to resume from instead of a damaged checkpoint `folder`."""
+    good, _ = newest_good_checkpoint(os.path.dirname(os.path.abspath(folder)) or ".", skip=[folder])
+    if good:
+        return f"the newest good checkpoint is {good}: resume from it (or delete the damaged one and use latest)"
+    return "no other checkpoint beside it verifies: start again in a new --output_dir"
+
+
+@contextlib.contextmanager
+def reading_checkpoint(folder, name):
+    """A checkpoint file that fails to load is named as a checkpoint file, never blamed on the base model."""
+    try:
+        yield
+    except DreamBoothError:
+        raise
+    except Exception as e:
+        raise DreamBoothError(f"checkpoint file {os.path.join(folder, name)} cannot be read ({first_line(e)}); "
+                              f"{good_checkpoint_advice(folder)}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per output folder: a lock file made with O_CREAT | O_EXCL, which is atomic on local and
+# network filesystems alike (flock is not honoured across NFS clients).
+
+LOCK_FILE = "train_dreambooth.lock"
+
+
+def process_start_time(pid):
+    """When a process started, or None if none runs with that id on this host."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # it runs, as someone else
+        return -1.0
+
+
+def lock_holder(path):
+    """The lock file's content, or None if it vanished; {} if it is empty or damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def is_stale(holder, path):
+    """A lock is stale when its process is gone: checked on this host only, where a process id (and
+    its start time, against reuse of the id) means something. An empty file is a run that died
+    while creating it, once it is older than a few seconds."""
+    if not holder:
+        with contextlib.suppress(OSError):
+            return time.time() - os.path.getmtime(path) > 10
+        return False
+    if holder.get("host") != socket.gethostname():
+        return False
+    started = process_start_time(int(holder.get("pid", -1)))
+    return started is None or (started >= 0 and abs(started - holder.get("pid_started", started)) > 1)
+
+
+def take_output_dir_lock(output_dir):
+    """Create output_dir (remembering which folders were new) and its lock file; returns what
+    release_output_dir_lock needs. A second run refuses at once, naming the holder."""
+    path = os.path.join(output_dir, LOCK_FILE)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), pid_started=process_start_time(os.getpid()),
+              started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=" ".join(sys.argv))
+    created, parent = [], os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        for attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = lock_holder(path)
+                if holder is not None and not (attempt == 0 and is_stale(holder, path)):
+                    release_output_dir_lock((None, created))
+                    who = (f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+                           if holder else "a run whose lock file is empty")
+                    raise DreamBoothError(f"--output_dir {output_dir} is in use by another training run ({who}); "
+                                          "wait for it to end or choose another --output_dir (if that run is "
+                                          f"gone, delete {path})")
+                if holder is not None:
+                    logger.warning("Taking over the lock of --output_dir %s from process %s on %s (started %s), "
+                                   "which no longer runs", output_dir, holder.get("pid"), holder.get("host"),
+                                   holder.get("started"))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(path, f"{path}.stale-{os.getpid()}")
+                        os.remove(f"{path}.stale-{os.getpid()}")
+        else:
+            raise DreamBoothError(f"--output_dir {output_dir}: another run took the lock {path} at the same moment; "
+                                  "choose another --output_dir")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
     except OSError as e:
-        raise DreamBoothError(f"could not write {what}: {e.strerror or e}; the previous checkpoint is intact: "
-                              "free disk space and resume with --resume_from_checkpoint latest") from e
+        release_output_dir_lock((None, created))
+        raise DreamBoothError(f"--output_dir {output_dir} is not writable ({failure_reason(e)}); choose a folder "
+                              "you can write to") from e
+    return path, created
+
+
+def release_output_dir_lock(lock):
+    """Remove our lock file, and the folders the lock created if the run left them empty, so that a
+    run stopped by bad input leaves no trace."""
+    path, created = lock
+    if path and (lock_holder(path) or {}).get("pid") == os.getpid():
+        remove_if_exists(path)
+    for folder in created:  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir, take):
+    lock = take_output_dir_lock(output_dir) if take else (None, [])
+    try:
+        yield
+    finally:
+        release_output_dir_lock(lock)
+
+
+def shared_run_id():
+    """A random name for this run's staging folders, the same on every rank (rank 0's)."""
+    import paddle
+    import paddle.distributed as dist
+
+    run_id = paddle.to_tensor([random.SystemRandom().randrange(2**40)], dtype="int64")
+    if dist.get_world_size() > 1:
+        dist.broadcast(run_id, src=0)
+    return f"{int(run_id.item()):010x}"
 
 
 @contextlib.contextmanager
@@ -1094,16 +1420,17 @@ def load_rng_state(path):
 def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, scaler, position, models):
     """output_dir/checkpoint-<step>: a loadable pipeline plus everything needed to resume exactly.
 
-    Called on every rank: each writes its own RNG state; rank 0 writes the rest."""
+    Called on every rank: each writes its own RNG state; rank 0 writes the rest, and last the
+    manifest that lets a resume verify the checkpoint."""
     import paddle
 
     world_size, rank = world()
     final = os.path.join(args.output_dir, f"checkpoint-{position['global_step']}")
-    with saving(final):
+    tmp = staging_name(final, "tmp", args.run_id)
+    with saving(final, resume_fix(args.output_dir), staging=tmp if rank == 0 else None):
         if rank == 0:
-            tmp = atomic_dir(final)
+            atomic_dir(final, args.run_id)
         barrier()
-        tmp = f"{final}.tmp"
         save_rng_state(os.path.join(tmp, f"rng_state_{rank}.pkl"))
         if rank == 0:
             save_pipeline(args, unet, text_encoder, tokenizer, tmp)
@@ -1113,16 +1440,17 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
                 paddle.save(lora_training_state(models), os.path.join(tmp, "lora_training_state.pdparams"))
             state = dict(position, lr_scheduler=lr_scheduler.state_dict(), world_size=world_size,
                          grad_scaler=scaler_state(scaler), args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
-            with open(os.path.join(tmp, "training_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+            write_json(os.path.join(tmp, "training_state.json"), state)
         barrier()
         if rank == 0:
             give_usual_file_modes(tmp)
-            commit_dir(tmp, final)
-            if args.checkpoints_total_limit:  # only now that the new one is complete
-                for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-            logger.info("Saved checkpoint %s", final)
+            write_manifest(tmp)
+            commit_dir(tmp, final, args.run_id)
+    if rank == 0:
+        if args.checkpoints_total_limit:  # only now that the new one is complete
+            for old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        logger.info("Saved checkpoint %s", final)
 
 
 def scaler_state(scaler):
@@ -1156,18 +1484,20 @@ def save_final(args, unet, text_encoder, tokenizer):
 
     It is staged in a temporary folder. The old marker (model_index.json, or the LoRA weights: what
     makes the folder a finished result) goes first and the new one comes last, so a crash never
-    leaves a folder that claims to be finished while holding a mix of two."""
-    with saving(args.output_dir):
-        tmp = atomic_dir(os.path.join(args.output_dir, "final"))
+    leaves a folder that claims to be finished while holding a mix of two. Signals wait while the
+    staged files move in."""
+    tmp = staging_name(os.path.join(args.output_dir, "final"), "tmp", args.run_id)
+    with saving(args.output_dir, resume_fix(args.output_dir), staging=tmp):
+        atomic_dir(os.path.join(args.output_dir, "final"), args.run_id)
         save_pipeline(args, unet, text_encoder, tokenizer, tmp)
         give_usual_file_modes(tmp)
-        for marker in FINISHED_MARKERS:
-            if os.path.exists(os.path.join(args.output_dir, marker)):
-                os.remove(os.path.join(args.output_dir, marker))
-        for name in sorted(os.listdir(tmp), key=lambda n: n in FINISHED_MARKERS):
-            src, dst = os.path.join(tmp, name), os.path.join(args.output_dir, name)
-            commit_dir(src, dst) if os.path.isdir(src) else os.replace(src, dst)
-        os.rmdir(tmp)
+        with signals_deferred():
+            for marker in FINISHED_MARKERS:
+                remove_if_exists(os.path.join(args.output_dir, marker))
+            for name in sorted(os.listdir(tmp), key=lambda n: n in FINISHED_MARKERS):
+                src, dst = os.path.join(tmp, name), os.path.join(args.output_dir, name)
+                commit_dir(src, dst, args.run_id) if os.path.isdir(src) else os.replace(src, dst)
+            os.rmdir(tmp)
     if args.use_lora:
         how = "load_lora(pipe, output_dir) from train_dreambooth" if args.train_text_encoder else \
             "pipe.load_lora_weights(output_dir)"
@@ -1188,8 +1518,8 @@ def export_result(args):
         else:
             with on_host():  # a second UNet on the device next to the trained one and its optimizer states
                 summary = export_single_file.export_pipeline(args.output_dir, out, half=args.export_half)
-    except (OSError, ValueError) as e:
-        raise DreamBoothError(f"--export_single_file: could not write {out} ({getattr(e, 'strerror', None) or e}); "
+    except (ValueError, *write_failures()) as e:
+        raise DreamBoothError(f"--export_single_file: could not write {out} ({failure_reason(e)}); "
                               f"the trained model is saved in {args.output_dir}, and python export_single_file.py "
                               f"{args.output_dir} exports it later") from e
     logger.info("Exported %s (%d tensors, %s) for WebUI / ComfyUI", out, summary["tensors"], summary["dtype"])
@@ -1221,6 +1551,23 @@ def image_grid(rows, pad=4):
     return grid
 
 
+@contextlib.contextmanager
+def sampling_mode(*models):
+    """Eval mode for sampling; the models' modes and Paddle's RNG come back afterwards, also when a
+    signal cuts sampling short, so training continues as if it had not sampled."""
+    import paddle
+
+    modes, rng = [model.training for model in models], paddle.get_rng_state()
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+        paddle.set_rng_state(rng)
+
+
 def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, step, autocast):
     """Sample the validation prompts with the models in memory (no copy of the weights) and write
     output_dir/validation/step-<N>.png. Image i of every prompt and step starts from seed + i, so
@@ -1234,24 +1581,21 @@ def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, 
                                    scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    modes, rng = (unet.training, text_encoder.training), paddle.get_rng_state()
-    unet.eval()
-    text_encoder.eval()
     rows = []
-    with paddle.no_grad(), autocast():  # frozen models may be held in half, as in training
+    # Frozen models may be held in half, as in training.
+    with paddle.no_grad(), autocast(), sampling_mode(unet, text_encoder):
         for prompt in args.validation_prompt:
             generators = [paddle.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
             images = pipe([prompt] * args.num_validation_images, height=args.height, width=args.width,
                           num_inference_steps=args.validation_num_inference_steps,
                           guidance_scale=args.validation_guidance_scale, generator=generators).images
             rows.append((prompt, images))
-    unet.train(modes[0])
-    text_encoder.train(modes[1])
-    paddle.set_rng_state(rng)
     folder = os.path.join(args.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    grid = image_grid(rows)
-    grid.save(os.path.join(folder, f"step-{step:06d}.png"))
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    with saving(path, resume_fix(args.output_dir), staging=path + ".tmp"):
+        os.makedirs(folder, exist_ok=True)
+        image_grid(rows).save(path + ".tmp", format="PNG")  # not *.png until complete
+        os.replace(path + ".tmp", path)
     for i, (prompt, images) in enumerate(rows):
         writer.add_image(f"validation/{i}", np.asarray(image_grid([(prompt, images)])), step, dataformats="HWC")
     logger.info("Validation images of update %d in %s", step, folder)
@@ -1263,13 +1607,31 @@ def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, 
 
 def make_writer(args):
     logdir = os.path.join(args.output_dir, args.logging_dir)
-    if args.writer_type == "tensorboard":
-        from tensorboardX import SummaryWriter
+    with saving(logdir, resume_fix(args.output_dir)):
+        if args.writer_type == "tensorboard":
+            from tensorboardX import SummaryWriter
 
-        return SummaryWriter(logdir)
-    from visualdl import LogWriter
+            return GuardedWriter(SummaryWriter(logdir), logdir, resume_fix(args.output_dir))
+        from visualdl import LogWriter
 
-    return LogWriter(logdir=logdir)
+        return GuardedWriter(LogWriter(logdir=logdir), logdir, resume_fix(args.output_dir))
+
+
+class GuardedWriter:
+    """The VisualDL / TensorBoard writer with every call under the write guard (see saving). Both
+    write in a thread of their own and only print what fails there; what fails in the caller's
+    thread (creating the file, flushing, closing) becomes one line."""
+
+    def __init__(self, writer, logdir, fix):
+        self.writer, self.logdir, self.fix = writer, logdir, fix
+
+    def __getattr__(self, name):
+        method = getattr(self.writer, name)
+
+        def guarded(*args, **kwargs):
+            with saving(self.logdir, self.fix):
+                return method(*args, **kwargs)
+        return guarded
 
 
 def setup_logging(rank):
@@ -1290,11 +1652,15 @@ def setup_logging(rank):
 
 
 def main(args):
-    """Train. MKL_DEBUG_CPU_TYPE, if this sets it, is for this run only: an in-process caller (a
-    notebook, the tests) must not pass it on to every later subprocess."""
+    """Train, with the output folder locked (by rank 0) and SIGTERM / Ctrl-C ending any phase in one line.
+    MKL_DEBUG_CPU_TYPE, if this sets it, is for this run only: an in-process caller (a notebook, the
+    tests) must not pass it on to every later subprocess."""
     mkl_code_path = choose_mkl_code_path()  # before any Paddle op
     try:
-        return train(args, mkl_code_path)
+        _, rank = world()  # imports Paddle, which installs a SIGTERM handler that interrupt_handlers replaces
+        setup_logging(rank)
+        with interrupt_handlers(), output_dir_lock(args.output_dir, take=rank == 0):
+            return train(args, mkl_code_path)
     finally:
         if mkl_code_path:
             os.environ.pop("MKL_DEBUG_CPU_TYPE", None)
@@ -1309,13 +1675,14 @@ def train(args, mkl_code_path):
     import diagnostics
 
     world_size, rank = world()
-    setup_logging(rank)
+    set_phase("loading the images and models", "nothing was written: rerun the same command")
     if mkl_code_path:
         logger.info("AMD processor: MKL_DEBUG_CPU_TYPE=%s makes MKL use its AVX2 kernels (set the variable, "
                     "even empty, to keep MKL's own choice)", mkl_code_path)
     if world_size > 1:
         dist.init_parallel_env()
     args.world_size = world_size
+    args.run_id = shared_run_id()
     if rank == 0:
         recover_interrupted_saves(args.output_dir)
     barrier()
@@ -1334,15 +1701,19 @@ def train(args, mkl_code_path):
     concepts = read_concepts(args)
     instances = load_instances(concepts, args)
     check_output_dir(args, resume_from)
+    set_phase("preparing class images", "the class images already written are kept: rerun the same command to "
+              "generate the rest")
     classes = load_classes(concepts, args, world_size, rank, (dtype, autocast)) if args.with_prior_preservation else []
     num_items = max(len(instances), len(classes))
     logger.info("%d instance images, %d class images, %d examples per epoch", len(instances), len(classes),
                 num_items)
 
     # --- Models.
+    set_phase("loading the models", "nothing of this run was written: rerun the same command")
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, resume_from)
+    check_prompts(tokenizer, concepts, instances, args.validation_prompt)
     if rank == 0:  # the first write to output_dir, once every input has been checked
-        with saving(args.output_dir):
+        with saving(args.output_dir, "choose a folder you can write to"):
             os.makedirs(args.output_dir, exist_ok=True)
     if world_size > 1:
         check_shared_output_dir(args.output_dir, world_size, rank)
@@ -1367,9 +1738,10 @@ def train(args, mkl_code_path):
             logger.info("LoRA rank %d, alpha %g: %d trainable parameters in the %s (%.2f%% of its %d)",
                         args.lora_rank, args.lora_alpha, trainable, label, 100 * trainable / total, total)
         if resume_from:
-            saved = paddle.load(os.path.join(resume_from, "lora_training_state.pdparams"))
-            for name, p in lora_training_state(models).items():
-                p.set_value(saved[name])
+            with reading_checkpoint(resume_from, "lora_training_state.pdparams"):
+                saved = paddle.load(os.path.join(resume_from, "lora_training_state.pdparams"))
+                for name, p in lora_training_state(models).items():
+                    p.set_value(saved[name])
     if dtype:  # trained weights stay fp32; frozen ones only ever run forward
         for model in [vae] + ([] if args.train_text_encoder else [text_encoder]):
             model.to(dtype=dtype)
@@ -1508,10 +1880,15 @@ def train(args, mkl_code_path):
 
         return compute_snr(noise_scheduler, timesteps) if args.snr_gamma else None
 
+    set_phase("preparing to train", "complete checkpoints are kept: rerun the same command with "
+              "--resume_from_checkpoint latest")
     writer = make_writer(args) if rank == 0 else None
     # Rank 0 alone measures; the other ranks go on and wait for it in the next all-reduce.
-    diag = diagnostics.start(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler), autocast,
-                             writer, position["global_step"]) if rank == 0 and args.diagnostics_steps else None
+    diag = None
+    if rank == 0 and args.diagnostics_steps:
+        with saving(os.path.join(args.output_dir, diagnostics.CSV_FILE), resume_fix(args.output_dir)):
+            diag = diagnostics.start(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
+                                     autocast, writer, position["global_step"])
     parked = park(([vae] if args.cache_latents else []) + ([] if args.train_text_encoder else [text_encoder]))
     logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
                 args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
@@ -1520,8 +1897,8 @@ def train(args, mkl_code_path):
     stop = global_step >= args.max_train_steps
     validated_at = None  # the final model is not validated twice
     consecutive_skips = 0
-    with stop_signals() as stop_signal, tqdm(total=args.max_train_steps, initial=position["global_step"],
-                                             desc="steps", disable=rank != 0) as bar:
+    with stop_signals(lambda: global_step) as stop_signal, \
+            tqdm(total=args.max_train_steps, initial=position["global_step"], desc="steps", disable=rank != 0) as bar:
         started, update_seconds = time.time(), []
         epoch = position["epoch"]
         while not stop:  # past num_epochs only when skipped updates must be made up
@@ -1585,13 +1962,14 @@ def train(args, mkl_code_path):
                         writer.add_scalar("train/update_cpu_seconds", update_cpu, global_step)
                         writer.add_scalar("train/skipped_updates", position["skipped_updates"], global_step)
                     if diag and global_step % args.diagnostics_steps == 0:
-                        with borrowed(parked):
+                        with borrowed(parked), stop_signal.interruptible("Diagnostics"), saving(
+                                os.path.join(args.output_dir, diagnostics.CSV_FILE), resume_fix(args.output_dir)):
                             diag.measure(global_step)
                 if signalled or stepped and global_step % args.save_steps == 0:
                     save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, scaler, position,
                                     models)
-                if logged and args.validation_prompt and global_step % args.validation_steps == 0:
-                    with borrowed(parked):
+                if logged and args.validation_prompt and global_step % args.validation_steps == 0 and not signalled:
+                    with borrowed(parked), stop_signal.interruptible("Validation"):
                         validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step,
                                  autocast)
                     validated_at = global_step
@@ -1610,14 +1988,21 @@ def train(args, mkl_code_path):
                     float(np.median(update_seconds[1:] or update_seconds or [0.0])))
         if paddle.device.get_device().startswith("gpu"):  # tools/gpu_check.sh reads this line
             logger.info("Peak GPU memory allocated: %.0f MiB", paddle.device.cuda.max_memory_allocated() / 2**20)
+        set_phase("saving the trained model", f"{args.output_dir} holds no half-written model and complete "
+                  "checkpoints are kept: rerun the same command with --resume_from_checkpoint latest")
         save_final(args, unet, text_encoder, tokenizer)
+        set_phase("validating the trained model", f"the trained model is saved in {args.output_dir}")
         with borrowed(parked):
             if args.validation_prompt and validated_at != global_step:
                 validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step, autocast)
             if diag:
-                diag.finish(global_step)
+                with saving(os.path.join(args.output_dir, diagnostics.PLOT_FILE),
+                            f"the trained model is saved in {args.output_dir}"):
+                    diag.finish(global_step)
         writer.close()
         if args.export_single_file:
+            set_phase("exporting", f"the trained model is saved in {args.output_dir}; python export_single_file.py "
+                      f"{args.output_dir} exports it later")
             export_result(args)
     barrier()
 
@@ -1639,22 +2024,99 @@ def prefetch(fn, inputs, workers):
             yield pending.popleft().result()
 
 
+# ----------------------------------------------------------------------------------------------
+# Signals. SIGTERM and Ctrl-C end every phase with one line saying what was kept (exit code 130).
+# Outside training they stop at once: every write is staged and committed by a rename that signals
+# wait for, so nothing half-written is left under a final name. In training they stop after the
+# current update, with a checkpoint.
+
+# What the run is doing, and what an interrupt now leaves behind; set_phase keeps it current.
+PHASE = ["starting", "nothing was written"]
+
+
+def set_phase(doing, kept):
+    PHASE[:] = [doing, kept]
+
+
+def signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def interrupt(signum, frame):
+    doing, kept = PHASE
+    raise Interrupted(f"stopped by {signal_name(signum)} while {doing}; {kept}")
+
+
 @contextlib.contextmanager
-def stop_signals():
-    """SIGTERM or a first Ctrl-C asks to stop after the current update (the yielded list turns
-    non-empty); a second Ctrl-C stops at once. The previous handlers come back afterwards."""
-    requested = []
+def interrupt_handlers():
+    """SIGTERM and Ctrl-C raise Interrupted, naming the phase. Install after importing Paddle, which
+    puts its own SIGTERM handler (a C++ stack dump) in place at import."""
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    set_phase("starting", "nothing was written")
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGTERM and SIGINT until a few renames are done, so that they happen all or not at all."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class StopRequest:
+    """Truthy once SIGTERM or Ctrl-C asked training to stop (see stop_signals)."""
+
+    def __init__(self):
+        self.signals, self.cut_short = [], False
+
+    def __bool__(self):
+        return bool(self.signals)
+
+    @contextlib.contextmanager
+    def interruptible(self, what):
+        """Work a signal should cut short rather than wait for (validation, diagnostics): it stops
+        at once, and training stops after the next update, with its checkpoint."""
+        self.cut_short = True
+        try:
+            yield
+        except CutShort:
+            logger.warning("%s stopped; nothing of it was written", what)
+        finally:
+            self.cut_short = False
+
+
+class CutShort(BaseException):
+    """Raised by a signal inside StopRequest.interruptible."""
+
+
+@contextlib.contextmanager
+def stop_signals(global_step):
+    """SIGTERM or a first Ctrl-C asks to stop after the current update (the yielded StopRequest turns
+    true); a second Ctrl-C aborts at once, without a checkpoint. The previous handlers come back
+    afterwards. `global_step` is a callable giving the number of finished updates."""
+    request = StopRequest()
 
     def handle(signum, frame):
-        if requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        requested.append(signum)
+        if request and signum == signal.SIGINT:
+            raise Interrupted(f"aborted by a second Ctrl-C after update {global_step()}, without a checkpoint of it; "
+                              "complete checkpoints are kept: resume with --resume_from_checkpoint latest")
+        request.signals.append(signum)
         logger.warning("%s received: stopping after this update and writing a checkpoint (Ctrl-C again to "
-                       "abort without one)", signal.Signals(signum).name)
+                       "abort without one)", signal_name(signum))
+        if request.cut_short:
+            raise CutShort
 
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield requested
+        yield request
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -1690,25 +2152,41 @@ def check_ranks_agree(models):
 
 
 def find_resume_checkpoint(args):
+    """The checkpoint to resume from, verified against its manifest: `latest` is the newest one that
+    verifies (newer damaged ones are skipped, with the reason); a named one must verify."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
+        found, skipped = newest_good_checkpoint(args.output_dir)
+        for folder, problem in skipped:
+            logger.warning("--resume_from_checkpoint latest: skipping %s, which does not verify: %s", folder, problem)
+        if skipped and not found:
+            raise DreamBoothError(f"--resume_from_checkpoint latest: none of the checkpoints in {args.output_dir} "
+                                  f"verifies ({skipped[0][1]}); delete them to start afresh, or use a new --output_dir")
         if not found:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", args.output_dir)
             return None
-        return found[-1]
-    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "training_state.json")):
-        raise DreamBoothError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder "
-                              "(no training_state.json); use latest or an output_dir/checkpoint-<step> folder")
-    return args.resume_from_checkpoint
+    else:
+        found = args.resume_from_checkpoint
+        if not any(os.path.isfile(os.path.join(found, name)) for name in ("training_state.json", MANIFEST)):
+            raise DreamBoothError(f"--resume_from_checkpoint {found}: not a checkpoint folder (no "
+                                  "training_state.json); use latest or an output_dir/checkpoint-<step> folder")
+        problem = checkpoint_problem(found)
+        if problem:
+            raise DreamBoothError(f"--resume_from_checkpoint {found}: {problem}; {good_checkpoint_advice(found)}")
+    if not os.path.isfile(os.path.join(found, MANIFEST)):
+        logger.warning("%s has no %s (an earlier version wrote it): resuming without verifying its files", found,
+                       MANIFEST)
+    return found
 
 
 def read_training_state(args, folder):
     """The checkpoint's position, after checking that it was made by a compatible run."""
-    with open(os.path.join(folder, "training_state.json")) as f:
-        state = json.load(f)
-    for key, saved in state["args"].items():
+    with reading_checkpoint(folder, "training_state.json"):
+        with open(os.path.join(folder, "training_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        saved_args = dict(state["args"])
+    for key, saved in saved_args.items():
         if getattr(args, key) is not None and getattr(args, key) != saved:
             shown = key if key != "world_size" else "number of processes"
             raise DreamBoothError(f"--{shown} is {getattr(args, key)!r} but {folder} was trained with {saved!r}; "
@@ -1720,12 +2198,16 @@ def restore_training_state(folder, state, optimizer, lr_scheduler, scaler, model
     import paddle
 
     back = {v: k for k, v in structured_names(models).items()}
-    optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))
-    lr_scheduler.set_state_dict(state["lr_scheduler"])
-    restore_scaler(scaler, state.get("grad_scaler"))
-    load_rng_state(os.path.join(folder, f"rng_state_{rank}.pkl"))
-    return dict(global_step=state["global_step"], epoch=state["epoch"], batch=state["batch"],
-                skipped_updates=state.get("skipped_updates", 0))
+    with reading_checkpoint(folder, "optimizer.pdopt"):
+        optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))
+    with reading_checkpoint(folder, "training_state.json"):
+        lr_scheduler.set_state_dict(state["lr_scheduler"])
+        restore_scaler(scaler, state.get("grad_scaler"))
+        position = dict(global_step=state["global_step"], epoch=state["epoch"], batch=state["batch"],
+                        skipped_updates=state.get("skipped_updates", 0))
+    with reading_checkpoint(folder, f"rng_state_{rank}.pkl"):
+        load_rng_state(os.path.join(folder, f"rng_state_{rank}.pkl"))
+    return position
 
 
 def check_output_dir(args, resume_from):
@@ -1742,12 +2224,22 @@ def check_output_dir(args, resume_from):
                               "folder); choose a folder you can write to")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The program: a problem the user can fix, or an interrupt, ends as one line on stderr; returns
+    the exit code (0, 1 for errors, 130 for interrupts; argparse's usage errors exit with 2)."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except Interrupted as e:
         print(f"train_dreambooth.py: {e}", file=sys.stderr)
-        sys.exit(130)
+        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C before the handlers are in place (Python's own start-up)
+        print("train_dreambooth.py: stopped by Ctrl-C while starting; nothing was written", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except DreamBoothError as e:
         print(f"train_dreambooth.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

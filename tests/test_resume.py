@@ -118,10 +118,11 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model, instance_dir, t
     out = tmp_path / "out"
     with pytest.raises(train_dreambooth.DreamBoothError, match="No space left on device.*intact"):
         run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 6, "--save_steps", 2))
-    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4.tmp"]
+    # The staging folder of the failed save is gone; checkpoint-2 is whole.
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert train_dreambooth.checkpoint_problem(str(out / "checkpoint-2")) is None
     StableDiffusionPipeline.from_pretrained(out / "checkpoint-2")
     assert not os.path.exists(out / "model_index.json")
-    # The next start clears the staging folder and resumes from checkpoint-2.
     monkeypatch.setattr(train_dreambooth, "save_pipeline", real_save)
     run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 6, "--save_steps", 2,
                           "--resume_from_checkpoint", "latest"))
