@@ -264,7 +264,7 @@ def check_args(args):
             raise DreamBoothError("--with_prior_preservation needs --class_data_dir (a folder; missing class "
                                   "images are generated there)")
     elif not args.with_prior_preservation and (args.class_data_dir or args.class_prompt and not args.diagnostics_steps):
-        warnings.warn("--class_prompt/--class_data_dir are ignored without --with_prior_preservation "
+        logger.warning("--class_prompt/--class_data_dir are ignored without --with_prior_preservation "
                       "(--class_prompt only names the class whose drift --diagnostics_steps measures)")
 
 
@@ -319,6 +319,8 @@ def load_images(paths, flag):
         except Image.DecompressionBombError:
             width, height = image_size(path)
             huge.append(f"{path} has {width}x{height} = {width * height:,} pixels")
+        except Image.UnidentifiedImageError:
+            bad.append(f"{path} (not an image format PIL can read)")
         except Exception as e:  # PIL raises many types for corrupt files
             bad.append(f"{path} ({first_line(e)})")
     if huge:
@@ -1709,7 +1711,8 @@ def train(args, mkl_code_path):
                 num_items)
 
     # --- Models.
-    set_phase("loading the models", "nothing of this run was written: rerun the same command")
+    set_phase("loading the models", "nothing of this run was written" + (
+        " but whole class images, which are kept" if args.with_prior_preservation else "") + ": rerun the same command")
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, resume_from)
     check_prompts(tokenizer, concepts, instances, args.validation_prompt)
     if rank == 0:  # the first write to output_dir, once every input has been checked

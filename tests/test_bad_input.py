@@ -2,6 +2,7 @@
 the fix, a non-zero exit, no traceback, and nothing written."""
 import hashlib
 import os
+import re
 import shutil
 import sys
 
@@ -204,6 +205,7 @@ def check_message(proc, words):
     assert sum(ERROR_PREFIX in ln for ln in lines) == 1, stderr
     missing = [w for w in words if w not in last]
     assert not missing, f"error line lacks {missing}: {last!r}"
+    assert not re.search(r"\b[A-Z][a-z]+[A-Za-z]*(Error|Exception)\b", last), f"a Python class name in {last!r}"
 
 
 def check_nothing_written(watched):
