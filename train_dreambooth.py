@@ -263,9 +263,6 @@ def check_args(args):
         if not args.class_data_dir:
             raise DreamBoothError("--with_prior_preservation needs --class_data_dir (a folder; missing class "
                                   "images are generated there)")
-    elif not args.with_prior_preservation and (args.class_data_dir or args.class_prompt and not args.diagnostics_steps):
-        logger.warning("--class_prompt/--class_data_dir are ignored without --with_prior_preservation "
-                      "(--class_prompt only names the class whose drift --diagnostics_steps measures)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1153,8 +1150,9 @@ def checkpoint_problem(folder):
         return f"{os.path.join(folder, missing[0])} is missing" if missing else None
     try:
         with open(manifest, encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            files = {name: dict(size=int(entry["size"]), sha256=str(entry["sha256"]))
+                     for name, entry in json.load(f)["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{manifest} is damaged ({first_line(e)})"
     for name, entry in files.items():  # sizes first: cheap, and they catch truncation
         path = os.path.join(folder, name)
@@ -1213,6 +1211,8 @@ def process_start_time(pid):
     """When a process started, or None if none runs with that id on this host."""
     import psutil
 
+    if pid <= 0:
+        return None
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -1243,8 +1243,11 @@ def is_stale(holder, path):
         return False
     if holder.get("host") != socket.gethostname():
         return False
-    started = process_start_time(int(holder.get("pid", -1)))
-    return started is None or (started >= 0 and abs(started - holder.get("pid_started", started)) > 1)
+    try:
+        started = process_start_time(int(holder.get("pid", -1)))
+    except (TypeError, ValueError):  # not a process id: not a lock this trainer wrote
+        return False
+    return started is None or (started >= 0 and abs(started - (holder.get("pid_started") or started)) > 1)
 
 
 def take_output_dir_lock(output_dir):
@@ -1678,6 +1681,9 @@ def train(args, mkl_code_path):
 
     world_size, rank = world()
     set_phase("loading the images and models", "nothing was written: rerun the same command")
+    if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt and not args.diagnostics_steps):
+        logger.warning("--class_prompt/--class_data_dir are ignored without --with_prior_preservation "
+                       "(--class_prompt only names the class whose drift --diagnostics_steps measures)")
     if mkl_code_path:
         logger.info("AMD processor: MKL_DEBUG_CPU_TYPE=%s makes MKL use its AVX2 kernels (set the variable, "
                     "even empty, to keep MKL's own choice)", mkl_code_path)
