@@ -1662,9 +1662,14 @@ def main(args):
     tests) must not pass it on to every later subprocess."""
     mkl_code_path = choose_mkl_code_path()  # before any Paddle op
     try:
-        _, rank = world()  # imports Paddle, which installs a SIGTERM handler that interrupt_handlers replaces
-        setup_logging(rank)
-        with interrupt_handlers(), output_dir_lock(args.output_dir, take=rank == 0):
+        with contextlib.ExitStack() as stack:
+            # Importing Paddle installs its own SIGTERM handler (a C++ stack dump): signals wait until ours
+            # replace it.
+            with signals_deferred():
+                _, rank = world()
+                setup_logging(rank)
+                stack.enter_context(interrupt_handlers())
+            stack.enter_context(output_dir_lock(args.output_dir, take=rank == 0))
             return train(args, mkl_code_path)
     finally:
         if mkl_code_path:
