@@ -47,6 +47,7 @@ T = "train_dreambooth.py"
 NUMERICS = "tests/test_numerics.py"
 BLIND = "tests/test_blind_spots.py"
 MULTI = "tests/test_multi_process.py"
+FAULTS = "tests/test_faults.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", T,
@@ -80,10 +81,12 @@ BUGS = [
         [MULTI, "-k", "run_multi"]),
     # The optimizer's state carries the schedule's position too, so the bug drops it from both.
     Bug("lr_schedule_not_restored", "a resumed run restarts the lr schedule from update 0", T,
-        '    optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))\n'
-        '    lr_scheduler.set_state_dict(state["lr_scheduler"])\n',
-        '    saved = rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back)\n'
-        '    optimizer.set_state_dict({k: v for k, v in saved.items() if k != "LR_Scheduler"})\n',
+        '        optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))\n'
+        '    with reading_checkpoint(folder, "training_state.json"):\n'
+        '        lr_scheduler.set_state_dict(state["lr_scheduler"])\n',
+        '        saved = rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back)\n'
+        '        optimizer.set_state_dict({k: v for k, v in saved.items() if k != "LR_Scheduler"})\n'
+        '    with reading_checkpoint(folder, "training_state.json"):\n',
         [BLIND, "-k", "cosine"]),
     Bug("noise_keyed_by_local_position", "per-sample noise keyed by the position in this rank's batch, "
         "not in the global batch: processes and batch sizes see different noise", T,
@@ -96,8 +99,8 @@ BUGS = [
         "rng = np.random.default_rng([seed, NOISE_STREAM, 0, *key[1:]])",
         [BLIND, "-k", "epoch_boundary"]),
     Bug("commit_dir_deletes_first", "replacing a folder deletes the old one before the new one is in place", T,
-        "    if os.path.exists(final):\n        os.replace(final, old)\n",
-        "    if os.path.exists(final):\n        shutil.rmtree(final)\n",
+        "        if os.path.exists(final):\n            os.replace(final, old)\n",
+        "        if os.path.exists(final):\n            shutil.rmtree(final)\n",
         ["tests/test_resume.py", "-k", "crash_while_replacing"]),
     Bug("lora_alpha_not_folded", "the saved LoRA lacks the alpha / rank scale the trained model used", T,
         "scale = args.lora_alpha / args.lora_rank", "scale = 1.0",
@@ -132,8 +135,10 @@ BUGS = [
         [NUMERICS, "-k", "min_snr"]),
     Bug("validation_leaves_text_encoder_in_eval", "validation does not put the trained text encoder back "
         "into training mode (its dropout stops)", T,
-        "    text_encoder.train(modes[1])\n    paddle.set_rng_state(rng)\n",
-        "    paddle.set_rng_state(rng)\n",
+        "        for model, mode in zip(models, modes):\n            model.train(mode)\n"
+        "        paddle.set_rng_state(rng)\n",
+        "        for model, mode in zip(models[:1], modes):\n            model.train(mode)\n"
+        "        paddle.set_rng_state(rng)\n",
         [BLIND, "-k", "bit_identical"]),
     Bug("validation_samples_the_base_unet", "validation images come from the base UNet, not the trained one", T,
         "pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,",
@@ -147,8 +152,8 @@ BUGS = [
         '"center_crop", "random_flip", "world_size",', '"center_crop", "random_flip",',
         [BLIND, "-k", "refuses"]),
     Bug("explicit_checkpoint_ignored", "--resume_from_checkpoint <folder> resumes from the latest instead", T,
-        "    return args.resume_from_checkpoint\n\n\ndef read_training_state",
-        "    return list_checkpoints(args.output_dir)[-1]\n\n\ndef read_training_state",
+        "        found = args.resume_from_checkpoint\n",
+        "        found = list_checkpoints(args.output_dir)[-1]\n",
         [BLIND, "-k", "older_checkpoint"]),
     Bug("class_sampler_ignored", "--class_sampler has no effect: class images use the model's own scheduler", T,
         "pipe.scheduler = sampler.from_config(pipe.scheduler.config)", "pass",
@@ -165,8 +170,8 @@ BUGS = [
         "export_single_file.export_pipeline(args.output_dir, out, half=False)",
         [BLIND, "-k", "export_half"]),
     Bug("validation_rng_not_restored", "validation leaves Paddle's RNG where its sampling left it", T,
-        "    paddle.set_rng_state(rng)\n    folder = os.path.join(args.output_dir, \"validation\")",
-        "    folder = os.path.join(args.output_dir, \"validation\")",
+        "            model.train(mode)\n        paddle.set_rng_state(rng)\n",
+        "            model.train(mode)\n",
         [BLIND, "-k", "bit_identical"]),
     Bug("diagnostics_leave_eval_mode", "a diagnostics measurement leaves the models in eval mode", "diagnostics.py",
         "        for model, mode in zip(models, modes):\n            model.train(mode)",
@@ -185,6 +190,28 @@ BUGS = [
     Bug("mkl_variable_leaks", "main() leaves MKL_DEBUG_CPU_TYPE in the caller's environment", T,
         '            os.environ.pop("MKL_DEBUG_CPU_TYPE", None)\n', "            pass\n",
         [BLIND, "-k", "mkl"]),
+    Bug("failed_save_keeps_staging", "a save that fails or is interrupted leaves its half-written staging folder "
+        "(which keeps a full disk full)", T,
+        "shutil.rmtree(staging, ignore_errors=True) if os.path.isdir(staging) else remove_if_exists(staging)",
+        "pass", [FAULTS, "-k", "full_disk_on_each_writer and safetensors"]),
+    Bug("safetensors_failure_unguarded", "a full disk met by safetensors is a traceback, not one line", T,
+        "    return OSError, SafetensorError, RuntimeError", "    return (OSError,)",
+        [FAULTS, "-k", "full_disk_on_each_writer and safetensors"]),
+    Bug("checkpoint_hash_not_checked", "a checkpoint whose file changed but kept its size verifies", T,
+        '        if file_sha256(os.path.join(folder, name)) != entry["sha256"]:', "        if False:",
+        [FAULTS, "-k", "truncated_checkpoint"]),
+    Bug("latest_takes_a_damaged_checkpoint", "--resume_from_checkpoint latest takes the newest checkpoint even "
+        "when it does not verify", T,
+        "        problem = checkpoint_problem(folder)\n        if problem is None:",
+        "        problem = None\n        if problem is None:", [FAULTS, "-k", "latest_skips"]),
+    Bug("output_dir_not_locked", "two runs share one --output_dir", T,
+        "    lock = take_output_dir_lock(output_dir) if take else (None, [])", "    lock = (None, [])",
+        [FAULTS, "-k", "stale_lock"]),
+    Bug("second_ctrl_c_traceback", "a second Ctrl-C in training ends in a traceback", T,
+        'raise Interrupted(f"aborted by a second Ctrl-C', 'raise KeyboardInterrupt(f"aborted by a second Ctrl-C',
+        [FAULTS, "-k", "second_ctrl_c_aborts"]),
+    Bug("cut_identifier_allowed", "a prompt cut at the tokenizer's limit may lose the subject's identifier", T,
+        "        if word_ids and not inside:", "        if False:", [FAULTS, "-k", "cut_prompt"]),
 ]
 
 
