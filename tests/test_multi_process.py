@@ -41,10 +41,11 @@ def assert_same_weights(a, b, atol=1e-5):
 def run_multi(tiny_model, instance_dir, tmp_path_factory):
     """`bash run_multi.sh` on the CPU (LAUNCH_ARGS="--nproc_per_node 2"); its own flags (512x512,
     lr 5e-6, 400 updates) are replaced by later ones, as a user would."""
+    from test_run_single import script_env  # the venv running these tests: nothing is installed
+
     root = tmp_path_factory.mktemp("run_multi")
-    env = {"MODEL_NAME": tiny_model, "INSTANCE_DIR": instance_dir, "OUTPUT_DIR": str(root / "out"),
-           "LAUNCH_ARGS": f"--nproc_per_node 2 --log_dir {root / 'log'}",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = dict(script_env(tiny_model, instance_dir, root / "out"),
+               LAUNCH_ARGS=f"--nproc_per_node 2 --log_dir {root / 'log'}")
     proc = run_cli(["bash", "run_multi.sh", "--height", "64", "--width", "64", "--seed", "0",
                     "--class_data_dir", str(root / "class"), *map(str, FLAGS)], env=env)
     logs = worker_logs(root / "log") if os.path.isdir(root / "log") else ""

@@ -264,7 +264,9 @@ def run_bug(bug, files, timeout):
             proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"error: the tests ran over {timeout} s", time.time() - started, ""
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # What failed, and pytest's summary: the assertion lines ("E ...") and the last lines
+        tail = "\n".join([ln for ln in lines if ln.startswith("E ")][:10] + lines[-4:])
         verdict = {0: "NOT CAUGHT", 1: "caught", 5: "error: the selection collects no tests"}.get(
             proc.returncode, f"error: pytest exit status {proc.returncode}")
         return verdict, time.time() - started, tail
