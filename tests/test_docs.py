@@ -9,8 +9,6 @@ import pytest
 from conftest import ROOT
 
 READMES = ["README.md", "README_zh.md"]
-# Written on another branch (the error catalogue of the fault-handling work); drop from here once merged.
-PENDING_LINKS = {"docs/errors.md"}
 # Numbers the READMEs may state although no file of the repository holds them, and where they come from.
 SOURCED_ELSEWHERE = {
     "3": "3-5 photos of the subject: the DreamBooth paper and the seed README",
@@ -90,8 +88,7 @@ DOCUMENTS = READMES + sorted(os.path.join(folder, name) for folder in ("docs", "
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_links_lead_to_files_of_the_repository(document):
     folder = os.path.dirname(os.path.join(ROOT, document))
-    missing = [t for t in links(read(document)) if os.path.relpath(os.path.join(folder, t), ROOT) not in PENDING_LINKS
-               and not os.path.exists(os.path.join(folder, t))]
+    missing = [t for t in links(read(document)) if not os.path.exists(os.path.join(folder, t))]
     assert not missing, f"{document} links to {missing}"
 
 
