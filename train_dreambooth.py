@@ -734,7 +734,7 @@ def check_prompt_length(tokenizer, prompt, identifier=None):
     if len(ids) <= limit:
         return
     dropped = len(ids) - limit
-    kept = list(tokenize(tokenizer, prompt))
+    kept = list(tokenize(tokenizer, prompt)[0])  # the ids, without the attention mask
     for word in identifier or []:
         word_ids = list(tokenizer(word, add_special_tokens=False, return_attention_mask=False)["input_ids"])
         inside = any(kept[i:i + len(word_ids)] == word_ids for i in range(len(kept) - len(word_ids) + 1))
