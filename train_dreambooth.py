@@ -432,7 +432,7 @@ def check_shared_output_dir(output_dir, world_size, rank):
         dist.broadcast(token, src=0)
     probe = os.path.join(output_dir, f".shared-check-{token.item()}")  # this run's own name: no stale file counts
     if rank == 0:
-        with saving(output_dir), open(probe, "w"):
+        with saving(output_dir, "choose a folder you can write to"), open(probe, "w"):
             pass
     barrier()
     shared = on_every_rank(os.path.isfile(probe))
@@ -1145,9 +1145,9 @@ def checkpoint_problem(folder):
     """Why a checkpoint cannot be trusted, naming the file, or None if it verifies. A checkpoint of
     an earlier version has no manifest: it passes unverified (resume says so)."""
     manifest = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest):
-        missing = [n for n in ("training_state.json", "optimizer.pdopt") if not os.path.isfile(os.path.join(folder, n))]
-        return f"{os.path.join(folder, missing[0])} is missing" if missing else None
+    if not os.path.isfile(manifest):  # its files are named when one fails to load (reading_checkpoint)
+        state = os.path.join(folder, "training_state.json")
+        return None if os.path.isfile(state) else f"{state} is missing"
     try:
         with open(manifest, encoding="utf-8") as f:
             files = {name: dict(size=int(entry["size"]), sha256=str(entry["sha256"]))
