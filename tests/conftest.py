@@ -85,6 +85,14 @@ def load_weights(folder, component="unet"):
     return load_file(os.path.join(sub, files[0]))
 
 
+def assert_same_weights(a, b, atol):
+    """The UNets saved in two pipeline folders agree to atol."""
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+    assert worst <= atol, f"largest weight difference {worst}"
+
+
 def logged_scalars(output_dir, tag, logging_dir="logs"):
     """{step: value} of a scalar the trainer logged to VisualDL under output_dir/logging_dir."""
     from visualdl import LogReader

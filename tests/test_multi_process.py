@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASS_PROMPT, GRADIENT_LIKE, ROOT, load_weights, run_cli, run_train, train_args
+from conftest import CLASS_PROMPT, GRADIENT_LIKE, ROOT, assert_same_weights, run_cli, run_train, train_args
 
 # 2 ranks x batch 1 x accumulation 2 = 1 process x batch 2 x accumulation 2: 4 instance and 4 class
 # samples per update. 3 class images: rank 0 generates two of them, rank 1 one.
@@ -28,13 +28,6 @@ def worker_logs(folder):
 
 def class_images(folder):
     return {n: np.asarray(Image.open(os.path.join(folder, n)), dtype=int) for n in sorted(os.listdir(folder))}
-
-
-def assert_same_weights(a, b, atol=1e-5):
-    wa, wb = load_weights(a), load_weights(b)
-    assert wa.keys() == wb.keys()
-    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst <= atol, f"largest weight difference {worst}"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_run_multi_with_prior_preservation_and_accumulation_equals_one_process(t
     alone = class_images(tmp_path / "class")
     assert alone.keys() == generated.keys()
     assert all(np.abs(alone[n] - generated[n]).max() <= 2 for n in alone)
-    assert_same_weights(run_multi / "out", one_process / "out")
+    assert_same_weights(run_multi / "out", one_process / "out", atol=1e-5)
 
 
 def free_port():
@@ -107,7 +100,7 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_model, instance_dir, run_m
     logs = "".join(worker_logs(tmp_path / f"log{node}") for node in range(2))
     assert [node.returncode for node in nodes] == [0, 0], ("".join(outputs) + logs)[-3000:]
     assert "Weights identical on all 2 ranks" in logs
-    assert_same_weights(tmp_path / "out", one_process / "out")
+    assert_same_weights(tmp_path / "out", one_process / "out", atol=1e-5)
 
 
 def test_a_process_that_cannot_see_rank_0s_output_dir_stops_at_the_start(tmp_path):

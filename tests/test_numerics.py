@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (CLASS_PROMPT, GRADIENT_LIKE, ROOT, load_weights, logged_scalars, make_images, run_cli, run_train,
-                      train_args)
-
-
-def assert_same_weights(a, b, atol):
-    wa, wb = load_weights(a), load_weights(b)
-    assert wa.keys() == wb.keys()
-    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst <= atol, f"largest weight difference {worst}"
+from conftest import (CLASS_PROMPT, GRADIENT_LIKE, ROOT, assert_same_weights, logged_scalars, make_images, run_cli,
+                      run_train, train_args)
 
 
 def test_compute_loss_is_instance_mse_plus_weighted_prior_mse():

@@ -9,16 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_weights, logged_scalars, run_train, train_args
+from conftest import ROOT, assert_same_weights, logged_scalars, run_train, train_args
 
 STEPS = 24
-
-
-def assert_same_unet(a, b, atol=1e-6):
-    wa, wb = load_weights(a), load_weights(b)
-    assert wa.keys() == wb.keys()
-    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst <= atol, f"largest weight difference {worst}"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +45,7 @@ def test_kill_9_then_resume_latest_gives_the_uninterrupted_weights(tiny_model, i
     proc.wait()
     assert not os.path.exists(out / "model_index.json"), "the run finished before it could be killed"
     run_train(*argv, "--resume_from_checkpoint", "latest")
-    assert_same_unet(out, uninterrupted)
+    assert_same_weights(out, uninterrupted, atol=1e-6)
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tiny_model, instance_dir, tmp_path, uninterrupted):
@@ -68,7 +61,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tiny_model, instance_d
     assert os.path.exists(out / f"checkpoint-{stopped_at}" / "training_state.json")
     assert stopped_at < STEPS and not os.path.exists(out / "model_index.json")
     run_train(*argv, "--resume_from_checkpoint", "latest")
-    assert_same_unet(out, uninterrupted)
+    assert_same_weights(out, uninterrupted, atol=1e-6)
 
 
 def test_checkpoint_rotation_and_resume_from_an_older_one(tiny_model, instance_dir, tmp_path):
@@ -226,4 +219,4 @@ def test_two_processes_killed_with_9_resume_to_the_uninterrupted_weights(tiny_mo
     assert not os.path.exists(interrupted / "model_index.json"), "the run finished before it could be killed"
     resumed = launch(interrupted, "--resume_from_checkpoint", "latest")
     assert resumed.wait(timeout=300) == 0
-    assert_same_unet(interrupted, tmp_path / "full")
+    assert_same_weights(interrupted, tmp_path / "full", atol=1e-6)
