@@ -881,17 +881,22 @@ def generate_class_images(concept, args, world_size, rank, precision, pipe=None)
     folder, prompt = concept["class_data_dir"], concept["class_prompt"]
     wanted = int(concept.get("num_class_images", args.num_class_images))
     check_class_dir_prompt(concept)
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):  # images a killed run left half-written
+            if name.endswith(".png.tmp"):
+                with contextlib.suppress(FileNotFoundError):  # another rank sharing the folder was first
+                    os.remove(os.path.join(folder, name))
     missing = wanted - len(list_images(folder, "--class_data_dir", must_exist=False))
+    taken = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    # Every rank lists the folder before any rank writes to it, so all agree on which indices are
+    # missing and each generates its share of the same list.
+    barrier()
     if missing <= 0:
         return pipe
     dtype, autocast = precision
     pipe = pipe or load_sampling_pipeline(args, dtype)  # a broken model fails here, before anything is written
     with saving(folder, "choose a --class_data_dir you can write to"):
         os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # images a killed run left half-written
-        if name.endswith(".png.tmp"):
-            os.remove(os.path.join(folder, name))
-    taken = set(os.listdir(folder))
     indices = [i for i in range(wanted + len(taken)) if class_image_name(prompt, i) not in taken][:missing]
     mine = indices[rank::world_size]
     logger.info("Generating %d class images for %r in %s (%s, %d steps)", missing, prompt, folder,

@@ -58,8 +58,6 @@ def one_process(tiny_model, instance_dir, run_multi, tmp_path_factory):
     return root
 
 
-@pytest.mark.xfail(reason="known race, to fix next: a rank can list --class_data_dir after the other rank wrote "
-                          "its first class image, and then generates a different index", strict=False)
 def test_run_multi_with_prior_preservation_and_accumulation_equals_one_process(tiny_model, run_multi, one_process,
                                                                               tmp_path):
     # Both ranks' shares of the class images are there, and are the images one process generates.
@@ -101,6 +99,34 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_model, instance_dir, run_m
     assert [node.returncode for node in nodes] == [0, 0], ("".join(outputs) + logs)[-3000:]
     assert "Weights identical on all 2 ranks" in logs
     assert_same_weights(tmp_path / "out", one_process / "out", atol=1e-5)
+
+
+LATE_RANK_1 = """import os, sys, time
+sys.path.insert(0, {root!r})
+import train_dreambooth
+listed = train_dreambooth.check_class_dir_prompt
+def late(concept):  # rank 1 reaches the class folder after rank 0 could have written its share
+    time.sleep(5)
+    return listed(concept)
+if os.environ.get("PADDLE_TRAINER_ID") == "1":
+    train_dreambooth.check_class_dir_prompt = late
+sys.exit(train_dreambooth.cli())
+"""
+
+
+def test_a_late_rank_generates_its_share_of_the_same_class_images(tiny_model, instance_dir, tmp_path):
+    """Ranks that start generating at different times still split one list of missing images:
+    each lists the folder before any rank writes to it."""
+    import train_dreambooth
+
+    (tmp_path / "late_rank_1.py").write_text(LATE_RANK_1.format(root=ROOT))
+    argv = train_args(tiny_model, instance_dir, tmp_path / "out", *FLAGS, "--num_class_images", 4,
+                      "--class_data_dir", tmp_path / "class")
+    result = run_cli([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                      str(tmp_path / "log"), str(tmp_path / "late_rank_1.py"), *argv])
+    assert result.returncode == 0, (result.stderr + worker_logs(tmp_path / "log"))[-3000:]
+    assert sorted(os.listdir(tmp_path / "class")) == sorted(
+        train_dreambooth.class_image_name(CLASS_PROMPT, i) for i in range(4))
 
 
 def test_a_process_that_cannot_see_rank_0s_output_dir_stops_at_the_start(tmp_path):
