@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
+from families import Geometry
+
 logger = logging.getLogger("dreambooth")
 
 # Sized so that measuring every 100 updates, probe sets included, costs under 5% of a 400-update
@@ -37,10 +39,11 @@ PROBE_FILE, CSV_FILE, PLOT_FILE = "diagnostics_probes.npz", "diagnostics.csv", "
 
 @dataclass
 class ProbeSet:
-    ids: np.ndarray  # [prompts, tokens] token ids of the set's distinct prompts
+    prompts: np.ndarray  # [prompts] the set's distinct prompts
     prompt_of: np.ndarray  # [n] which prompt each probe uses
     noisy: np.ndarray  # [n, c, h, w] noised latents
     timesteps: np.ndarray  # [n]
+    geometry: np.ndarray  # [n, 6] each probe's families.Geometry
     reference: np.ndarray  # [n, c, h, w] what a prediction is compared with
 
 
@@ -59,29 +62,20 @@ def measuring(*models):
         paddle.set_rng_state(rng)
 
 
+def center_box(image, height, width):
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return left, top, left + width, top + height
+
+
 def center_pixels(image, height, width):
     """The center crop of an already resized image, as the float32 CHW array in [-1, 1] the VAE takes."""
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    crop = image.crop((left, top, left + width, top + height))
+    crop = image.crop(center_box(image, height, width))
     return np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-
-
-def token_ids(tokenizer, prompts):
-    return np.array([tokenizer(p, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                               return_attention_mask=False)["input_ids"] for p in prompts], dtype=np.int64)
-
-
-def probe_noise(rng, n, latent_shape, num_train_timesteps):
-    """Noise and timesteps of n probes. The timesteps are stratified, so a few probes cover the
-    whole schedule instead of clustering by chance."""
-    noise = rng.standard_normal((n, *latent_shape), dtype=np.float32)
-    strata = (np.arange(n) + rng.random(n)) * num_train_timesteps / n
-    return noise, rng.permutation(strata.astype(np.int64))
 
 
 def subject_latents(instances, vae, args, rng):
     """PROBES_PER_SET posterior samples of instance images spread over the set (repeated when
-    there are fewer images), and their prompts."""
+    there are fewer images), their prompts and geometries."""
     picked = [instances[j * len(instances) // PROBES_PER_SET] for j in range(PROBES_PER_SET)]
     posteriors = {}
     for item in picked:  # one image at a time: a 512px VAE batch would be a memory spike
@@ -93,48 +87,50 @@ def subject_latents(instances, vae, args, rng):
     for item in picked:
         mean, std = posteriors[id(item)]
         latents.append((mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * vae.config.scaling_factor)
-    return np.stack(latents), [item.prompt for item in picked]
+    geometry = [item.geometry(center_box(item.image, args.height, args.width), False) for item in picked]
+    return np.stack(latents), [item.prompt for item in picked], geometry
 
 
-def sampled_class_latents(class_prompts, models, args, rng, autocast):
+def sampled_class_latents(class_prompts, family, parts, args, rng, autocast):
     """PROBES_PER_SET latents the base model samples for the class prompts (held out: not the class
     images it trains on), from starting noise of our own generator. No classifier-free guidance:
     drift is measured on the conditional prediction, so its probes come from it too."""
-    from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    tokenizer, text_encoder, vae, unet, noise_scheduler = models
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = family.pipeline(parts, family.sampling_scheduler(parts.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     prompts = [class_prompts[j % len(class_prompts)] for j in range(PROBES_PER_SET)]
-    shape = (unet.config.in_channels, args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    shape = (parts.denoiser.config.in_channels, args.height // pipe.vae_scale_factor,
+             args.width // pipe.vae_scale_factor)
     start = paddle.to_tensor(rng.standard_normal((PROBES_PER_SET, *shape), dtype=np.float32))
     with autocast():
         latents = pipe(prompts, height=args.height, width=args.width, latents=start, output_type="latent",
                        guidance_scale=1.0, num_inference_steps=min(args.class_inference_steps,
                                                                    CLASS_SAMPLING_STEPS)).images
-    return latents.astype("float32").numpy(), prompts
+    # sampled at the trained size, uncropped
+    geometry = [Geometry(args.height, args.width, 0, 0, args.height, args.width)] * PROBES_PER_SET
+    return latents.astype("float32").numpy(), prompts, geometry
 
 
-def noised_probes(latents, prompts, tokenizer, noise_scheduler, rng):
-    """One probe per latent: the latent noised at a fixed timestep; the reference is the training target."""
-    noise, timesteps = probe_noise(rng, len(latents), latents.shape[1:], noise_scheduler.config.num_train_timesteps)
-    x0, eps, t = paddle.to_tensor(latents), paddle.to_tensor(noise), paddle.to_tensor(timesteps)
-    noisy = noise_scheduler.add_noise(x0, eps, t)
-    target = noise_scheduler.get_velocity(x0, eps, t) if noise_scheduler.config.prediction_type == "v_prediction" \
-        else eps
+def noised_probes(latents, prompts, geometry, family, noise_scheduler, rng):
+    """One probe per latent: the latent noised at a fixed time (the family's probe times); the reference
+    is the training target."""
+    noise = rng.standard_normal(latents.shape, dtype=np.float32)
+    times = family.probe_times(rng, len(latents), noise_scheduler)
+    noisy, timesteps, target, _ = family.noise_step(noise_scheduler, paddle.to_tensor(latents),
+                                                    paddle.to_tensor(noise), times)
     distinct = sorted(set(prompts))
-    return ProbeSet(ids=token_ids(tokenizer, distinct), prompt_of=np.array([distinct.index(p) for p in prompts]),
-                    noisy=noisy.numpy(), timesteps=timesteps, reference=target.numpy())
+    return ProbeSet(prompts=np.array(distinct), prompt_of=np.array([distinct.index(p) for p in prompts]),
+                    noisy=noisy.numpy(), timesteps=timesteps.numpy(), geometry=np.array(geometry, dtype=np.int64),
+                    reference=target.numpy())
 
 
-def predict(unet, text_encoder, probes, autocast):
+def predict(family, parts, probes, autocast):
     """The models' predictions on a probe set (call inside `measuring`)."""
     with autocast():
-        states = text_encoder(paddle.to_tensor(probes.ids))[0]
-        pred = unet(paddle.to_tensor(probes.noisy), paddle.to_tensor(probes.timesteps),
-                    paddle.gather(states, paddle.to_tensor(probes.prompt_of))).sample
+        cond = family.encode(parts.text_encoders, [family.tokenize(parts.tokenizers, str(p)) for p in probes.prompts])
+        index = paddle.to_tensor(probes.prompt_of)
+        pred = family.denoise(parts.denoiser, paddle.to_tensor(probes.noisy), paddle.to_tensor(probes.timesteps),
+                              {k: paddle.gather(v, index) for k, v in cond.items()},
+                              [Geometry(*g) for g in probes.geometry.tolist()])
     return pred.astype("float32").numpy()
 
 
@@ -142,20 +138,19 @@ def mean_squared_difference(a, b):
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 
-def build_probes(args, concepts, instances, models, autocast):
+def build_probes(args, family, concepts, instances, parts, autocast):
     """(subject probes, class probes or None) of the models as they are now: the base."""
-    tokenizer, text_encoder, vae, unet, noise_scheduler = models
     rng = np.random.default_rng([args.seed, DIAGNOSTICS_STREAM])
-    with measuring(text_encoder, unet):
-        latents, prompts = subject_latents(instances, vae, args, rng)
-        subject = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
+    with measuring(parts.denoiser, *parts.text_encoders.values()):
+        latents, prompts, geometry = subject_latents(instances, parts.vae, args, rng)
+        subject = noised_probes(latents, prompts, geometry, family, parts.noise_scheduler, rng)
         class_prompts = sorted({c["class_prompt"] for c in concepts if c.get("class_prompt")})
         if not class_prompts:
             logger.info("Diagnostics: no class prompt (--class_prompt), so class drift is not measured")
             return subject, None
-        latents, prompts = sampled_class_latents(class_prompts, models, args, rng, autocast)
-        klass = noised_probes(latents, prompts, tokenizer, noise_scheduler, rng)
-        klass.reference = predict(unet, text_encoder, klass, autocast)
+        latents, prompts, geometry = sampled_class_latents(class_prompts, family, parts, args, rng, autocast)
+        klass = noised_probes(latents, prompts, geometry, family, parts.noise_scheduler, rng)
+        klass.reference = predict(family, parts, klass, autocast)
     return subject, klass
 
 
@@ -170,7 +165,7 @@ def save_probes(path, sets):
 def load_probes(path):
     with np.load(path) as saved:
         return [ProbeSet(**{f: saved[f"{name}.{f}"] for f in ProbeSet.__dataclass_fields__})
-                if f"{name}.ids" in saved else None for name in ("subject", "class")]
+                if f"{name}.prompts" in saved else None for name in ("subject", "class")]
 
 
 def read_rows(path, up_to_step):
@@ -233,17 +228,17 @@ class Cost:
 class Diagnostics:
     """Rank 0's measurements: scalars to the writer, rows to diagnostics.csv, the plot at the end."""
 
-    def __init__(self, subject, klass, unet, text_encoder, autocast, writer, output_dir, rows, cost):
+    def __init__(self, subject, klass, family, parts, autocast, writer, output_dir, rows, cost):
         self.subject, self.klass = subject, klass
-        self.unet, self.text_encoder, self.autocast, self.writer = unet, text_encoder, autocast, writer
+        self.family, self.parts, self.autocast, self.writer = family, parts, autocast, writer
         self.output_dir, self.rows, self.cost = output_dir, rows, cost
 
     def measure(self, step):
-        with self.cost.counting(), measuring(self.text_encoder, self.unet):
-            fit = mean_squared_difference(predict(self.unet, self.text_encoder, self.subject, self.autocast),
+        with self.cost.counting(), measuring(self.parts.denoiser, *self.parts.text_encoders.values()):
+            fit = mean_squared_difference(predict(self.family, self.parts, self.subject, self.autocast),
                                           self.subject.reference)
             drift = None if self.klass is None else mean_squared_difference(
-                predict(self.unet, self.text_encoder, self.klass, self.autocast), self.klass.reference)
+                predict(self.family, self.parts, self.klass, self.autocast), self.klass.reference)
         self.record(step, fit, drift)
 
     def record(self, step, fit, drift):
@@ -264,29 +259,25 @@ class Diagnostics:
                     self.cost.seconds, self.cost.cpu_seconds, os.path.join(self.output_dir, PLOT_FILE))
 
 
-def start(args, concepts, instances, models, autocast, writer, step):
-    """Rank 0's Diagnostics before the first update of this run (update `step`). A fresh run builds
-    and saves the probe sets and measures the base model (a class drift other than 0 there would
-    mean wrong probes); a resumed run reuses the saved probe sets."""
-    from ppdiffusers.training_utils import unwrap_model
-
-    tokenizer, text_encoder, vae, unet, noise_scheduler = models
-    text_encoder, unet = unwrap_model(text_encoder), unwrap_model(unet)
+def start(args, family, concepts, instances, parts, autocast, writer, step):
+    """Rank 0's Diagnostics before the first update of this run (update `step`), measuring the models
+    of `parts` (unwrapped) as they train. A fresh run builds and saves the probe sets and measures the
+    base model (a class drift other than 0 there would mean wrong probes); a resumed run reuses the
+    saved probe sets."""
     probe_file, csv_file = os.path.join(args.output_dir, PROBE_FILE), os.path.join(args.output_dir, CSV_FILE)
     if step and os.path.isfile(probe_file):
         subject, klass = load_probes(probe_file)
         rows = read_rows(csv_file, step)
         write_rows(csv_file, rows)  # forget what an interrupted run measured after its checkpoint
-        return Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, rows, Cost())
+        return Diagnostics(subject, klass, family, parts, autocast, writer, args.output_dir, rows, Cost())
     if step:
         logger.warning("Diagnostics: no %s from the start of this run, so class drift is measured from update %d",
                        probe_file, step)
     cost = Cost()
     with cost.counting():
-        subject, klass = build_probes(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
-                                      autocast)
+        subject, klass = build_probes(args, family, concepts, instances, parts, autocast)
     save_probes(probe_file, {"subject": subject, "class": klass})
     write_rows(csv_file, [])
-    diagnostics = Diagnostics(subject, klass, unet, text_encoder, autocast, writer, args.output_dir, [], cost)
+    diagnostics = Diagnostics(subject, klass, family, parts, autocast, writer, args.output_dir, [], cost)
     diagnostics.measure(step)
     return diagnostics

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from train_dreambooth import TEXT_ENCODER_LORA, give_usual_file_modes
+from common import LORA_WEIGHTS, TEXT_ENCODER_LORA, give_usual_file_modes
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -242,7 +242,6 @@ def export_pipeline(folder, out_path, half=False):
 # loader reads no alpha from its own files), so the export writes alpha = rank: scale 1, and the
 # LoRA acts exactly as it does in ppdiffusers. WebUI's and ComfyUI's strength slider multiplies on top.
 
-LORA_WEIGHTS = "paddle_lora_weights.safetensors"  # what StableDiffusionPipeline.save_lora_weights writes
 # ppdiffusers key pattern -> kohya prefix
 LORA_KEYS = ((re.compile(r"unet\.(.+)\.lora\.(down|up)\.weight"), "lora_unet_"),
              (re.compile(r"text_encoder\.(.+)\.lora_linear_layer\.(down|up)\.weight"), "lora_te_"))

@@ -53,11 +53,11 @@ def efficient_attention_in_use(unet):
                for layer in unet.sublayers())
 
 
-def estimate(unet, text_encoder, vae, trained_params, text_trained_params, args, latent_hw, tokens):
+def estimate(unet, text_encoders, vae, trained_params, text_trained_params, args, latent_hw, tokens):
     """Rows (label, bytes) and a closing note; `trained_params` counts the UNet's trained parameters
-    (all of them, or the LoRA adapters), `text_trained_params` the text encoder's (0 when frozen)."""
+    (all of them, or the LoRA adapters), `text_trained_params` the text encoders' (0 when frozen)."""
     count = lambda model: sum(int(p.numel()) for p in model.parameters())  # noqa: E731
-    n_unet, n_text, n_vae = count(unet), count(text_encoder), count(vae)
+    n_unet, n_text, n_vae = count(unet), sum(map(count, text_encoders)), count(vae)
     half = args.mixed_precision in ("fp16", "bf16")
     trained = trained_params + text_trained_params
     frozen = n_vae + (n_text - text_trained_params)  # cast to half under mixed precision on a GPU

@@ -31,20 +31,16 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+import families
+from common import (FINISHED_MARKERS, LORA_TRAINING_STATE, OPTIMIZER_STATE, PIPELINE_ENTRIES, RNG_STATE,
+                    TEXT_ENCODER_LORA, TRAINING_STATE, DreamBoothError, first_line, give_usual_file_modes)
+
 logger = logging.getLogger("dreambooth")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"}
 # Schedulers for generating class images; few steps suffice for DPM-Solver.
 CLASS_SAMPLERS = {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
                   "euler_a": "EulerAncestralDiscreteScheduler", "model": None}
-# A folder holding one of these is a finished run's output.
-FINISHED_MARKERS = ("model_index.json", "paddle_lora_weights.safetensors")
-# Text-encoder LoRA has a file of its own: ppdiffusers 0.29's load_lora_weights fails on text-encoder
-# keys (its loader for them is removed), so they must not be in the file it reads. load_lora reads both.
-TEXT_ENCODER_LORA = "text_encoder_lora_weights.safetensors"
-# What save_final moves into output_dir (commit_dir may leave <name>.old for a moment).
-PIPELINE_ENTRIES = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
-                    "image_encoder"}
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Updates skipped in a row (non-finite loss, fp16 overflow) before a run counts as diverged. fp16's
 # loss scale starts high and halves on every other overflow, so a healthy run skips a few at most.
@@ -58,12 +54,8 @@ RESUME_INVARIANT_ARGS = [
     "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "seed", "height", "width",
     "with_prior_preservation", "train_text_encoder", "center_crop", "random_flip", "world_size",
     "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler", "use_lora", "lora_rank",
-    "lora_alpha",
+    "lora_alpha", "pretrained_vae_model_name_or_path",
 ]
-
-
-class DreamBoothError(Exception):
-    """A problem the user can fix: reported as one line, exit code 1."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -91,6 +83,9 @@ def build_parser():
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="A ppdiffusers model id (e.g. CompVis/stable-diffusion-v1-4) or a local pipeline folder.")
     g.add_argument("--tokenizer_name", default=None, help="Tokenizer id or folder, if not the model's own.")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="A VAE folder or id to use instead of the model's own (e.g. an fp16-safe SDXL VAE); it is "
+                        "also saved with the result.")
     g.add_argument("--instance_data_dir", default=None, help="Folder with the photos of your subject.")
     g.add_argument("--instance_prompt", default=None, help='Prompt naming the subject, e.g. "a photo of sks dog".')
     g.add_argument("--class_data_dir", default=None, help="Folder of class images for prior preservation.")
@@ -365,14 +360,26 @@ class TrainImage:
     """One training image, decoded and resized once; crops and flips are drawn per step."""
 
     def __init__(self, image, prompt, args):
+        self.original_size = (image.height, image.width)
         self.image = resize_to_cover(image, args.height, args.width)
         self.prompt = prompt
         self.random_crop = not args.center_crop and self.image.size != (args.width, args.height)
 
-    def pixels(self, rng, args):
+    def augmentation(self, rng, args):
+        """(crop box, flip) drawn from rng."""
         box = crop_box(self.image, args.height, args.width, not self.random_crop, rng)
-        flip = args.random_flip and rng.random() < 0.5
+        return box, args.random_flip and rng.random() < 0.5
+
+    def pixels(self, rng, args):
+        box, flip = self.augmentation(rng, args)
         return to_pixels(self.image.crop(box), flip), flip
+
+    def geometry(self, box, flip):
+        """The sample's families.Geometry. A flipped crop is the crop of the mirrored image at the
+        mirrored place, so its left edge is measured from the right."""
+        left, top, right, bottom = box
+        return families.Geometry(*self.original_size, top, self.image.width - right if flip else left,
+                                 bottom - top, right - left)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,85 +463,6 @@ def barrier():
 # Models
 
 
-def load_text_encoder_class(model):
-    """The text encoder class named in the model's own config (CLIP for SD, BERT-like for Taiyi, ...)."""
-    import ppdiffusers.transformers as transformers
-    from ppdiffusers.transformers import PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(model, subfolder="text_encoder")
-    name = (config.get("architectures") or ["CLIPTextModel"])[0]
-    if not hasattr(transformers, name):
-        raise DreamBoothError(f"text_encoder of {model} is a {name}, which ppdiffusers.transformers does not have")
-    return getattr(transformers, name)
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or ["no reason given"])[0]
-
-
-def download_source():
-    """(where ppdiffusers downloads a model id from, the folder it caches it in), as its environment
-    variables FROM_HF_HUB and FROM_AISTUDIO choose."""
-    from ppdiffusers.utils import constants
-
-    if constants.FROM_AISTUDIO:
-        return "AI Studio", constants.PPDIFFUSERS_CACHE
-    if constants.FROM_HF_HUB:
-        return "the Hugging Face Hub", constants.DIFFUSERS_CACHE
-    return f"Paddle's model server ({constants.PPNLP_BOS_RESOLVE_ENDPOINT})", constants.PPDIFFUSERS_CACHE
-
-
-def load_models(args, resume_from=None):
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler, each failure named.
-    When resuming, the trained models come from the checkpoint."""
-    from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from ppdiffusers.transformers import AutoTokenizer
-
-    model = args.pretrained_model_name_or_path
-    local = os.path.isdir(model)
-    if not local:
-        source, cache = download_source()
-        logger.info("%s is not a folder on disk: downloading it from %s into %s (once; later runs read the cache; "
-                    "FROM_HF_HUB=1 downloads from the Hugging Face Hub)", model, source, cache)
-
-    def load(component, fn):
-        try:
-            return fn()
-        except DreamBoothError:
-            raise
-        except Exception as e:
-            if not local:
-                reason = first_line(e).split(". ")[0][:200]
-                raise DreamBoothError(
-                    f"cannot download the {component} of {model} from {source}: {reason}; check the model id, the "
-                    "network and that you accepted the model's licence, or give a folder holding the downloaded "
-                    "model to --pretrained_model_name_or_path") from e
-            raise DreamBoothError(f"cannot load the {component} of {model} ({first_line(e)}); check that "
-                                  f"{component}/ is complete, or give another --pretrained_model_name_or_path") from e
-
-    if args.tokenizer_name:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
-        except Exception as e:
-            raise DreamBoothError(f"--tokenizer_name {args.tokenizer_name}: cannot load a tokenizer "
-                                  f"({first_line(e)}); give a tokenizer id or folder, or drop the flag") from e
-    else:
-        tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
-    text_encoder = load("text_encoder", lambda: load_text_encoder_class(model).from_pretrained(
-        model, subfolder="text_encoder"))
-    if resume_from and args.train_text_encoder and not args.use_lora:  # LoRA resumes onto the base
-        with reading_checkpoint(resume_from, "text_encoder"):
-            text_encoder = type(text_encoder).from_pretrained(resume_from, subfolder="text_encoder")
-    vae = load("vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae"))
-    if resume_from and not args.use_lora:  # LoRA resumes onto the base
-        with reading_checkpoint(resume_from, "unet"):
-            unet = UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet")
-    else:
-        unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
-    noise_scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
 # Compute capability each half dtype needs for Paddle's AMP on NVIDIA GPUs (below it, Paddle only
 # warns and trains in fp32, after the frozen models were already cast: the first step would fail).
 AMP_MIN_CAPABILITY = {"float16": (7, 0), "bfloat16": (8, 0)}
@@ -602,9 +530,9 @@ def enable_memory_efficient_attention(unet):
     unet.enable_xformers_memory_efficient_attention()
 
 
-def add_lora_adapters(unet, args):
-    """Freeze the UNet and give every attention projection a ppdiffusers LoRALinearLayer;
-    returns the number of trainable parameters."""
+def add_lora_adapters(unet, args, projections=families.SD.lora_projections):
+    """Freeze the denoiser and give the named projections of every attention layer a ppdiffusers
+    LoRALinearLayer; returns the number of trainable parameters."""
     from ppdiffusers.models.attention_processor import Attention
     from ppdiffusers.models.lora import LoRALinearLayer
 
@@ -612,7 +540,7 @@ def add_lora_adapters(unet, args):
         p.stop_gradient = True
     for layer in unet.sublayers():
         if isinstance(layer, Attention):
-            for linear in (layer.to_q, layer.to_k, layer.to_v, layer.to_out[0]):
+            for linear in (layer.get_sublayer(name) for name in projections):
                 fan_in, fan_out = linear.weight.shape  # Paddle stores Linear weights [in, out]
                 linear.set_lora_layer(LoRALinearLayer(fan_in, fan_out, rank=args.lora_rank,
                                                       network_alpha=args.lora_alpha))
@@ -637,9 +565,10 @@ def add_text_encoder_lora(text_encoder, rank, alpha):
     return sum(int(p.numel()) for p in text_encoder.parameters() if not p.stop_gradient)
 
 
-def lora_state_for_loading(unet, text_encoder, args):
+def lora_state_for_loading(unet, text_encoders, args):
     """(UNet, text-encoder) LoRA weights as the loaders read them: their loaders know no alpha, so
-    the scale alpha / rank is folded into the up projections. The text encoder's is empty unless trained."""
+    the scale alpha / rank is folded into the up projections. The text encoders' ("<component>.<key>")
+    is empty unless trained."""
     from ppdiffusers.training_utils import unet_lora_state_dict
 
     scale = args.lora_alpha / args.lora_rank
@@ -649,7 +578,8 @@ def lora_state_for_loading(unet, text_encoder, args):
 
     # save_lora_weights adds the "unet." prefix that unet_lora_state_dict already carries
     unet_state = {k.removeprefix("unet."): v for k, v in unet_lora_state_dict(unet).items()}
-    text_state = {f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items() if ".lora_linear_layer." in k}
+    text_state = {f"{name}.{k}": v for name, encoder in text_encoders.items()
+                  for k, v in encoder.state_dict().items() if ".lora_linear_layer." in k}
     return folded(unet_state), folded(text_state)
 
 
@@ -661,7 +591,7 @@ def lora_training_state(models):
 
 def load_lora(pipe, folder):
     """Load a --use_lora result into a pipeline of its base model: the UNet LoRA through ppdiffusers'
-    load_lora_weights, the text-encoder LoRA (if trained) into ppdiffusers' PatchedLoraProjection layers.
+    load_lora_weights, the text encoders' LoRA (if trained) into ppdiffusers' PatchedLoraProjection layers.
 
         from train_dreambooth import load_lora
         load_lora(StableDiffusionPipeline.from_pretrained(base), output_dir)
@@ -673,16 +603,23 @@ def load_lora(pipe, folder):
     path = os.path.join(folder, TEXT_ENCODER_LORA)
     if not os.path.isfile(path):
         return pipe
-    state = {k.removeprefix("text_encoder."): v for k, v in load_file(path).items()}
-    rank = next(v.shape[1] for k, v in state.items() if k.endswith(".down.weight"))  # down is [in, rank]
-    add_text_encoder_lora(pipe.text_encoder, rank, alpha=None)
-    own = pipe.text_encoder.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ValueError(f"{path}: {len(unknown)} weights match no layer of this text encoder, e.g. {unknown[0]}")
-    for name, value in state.items():
-        own[name].set_value(paddle.to_tensor(value, dtype=own[name].dtype))
-    pipe.text_encoder.eval()
+    by_encoder = {}
+    for key, value in load_file(path).items():
+        name, _, rest = key.partition(".")
+        by_encoder.setdefault(name, {})[rest] = value
+    for name, state in by_encoder.items():
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            raise ValueError(f"{path}: LoRA weights for {name}, which this pipeline does not have")
+        rank = next(v.shape[1] for k, v in state.items() if k.endswith(".down.weight"))  # down is [in, rank]
+        add_text_encoder_lora(encoder, rank, alpha=None)
+        own = encoder.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} weights match no layer of {name}, e.g. {unknown[0]}")
+        for key, value in state.items():
+            own[key].set_value(paddle.to_tensor(value, dtype=own[key].dtype))
+        encoder.eval()
     return pipe
 
 
@@ -753,15 +690,6 @@ def tokenize(tokenizer, prompt):
     return tokens["input_ids"], tokens["attention_mask"]
 
 
-def mask_argument(text_encoder, masks):
-    """The attention mask, for text encoders whose config asks for one (as the pipelines pass it:
-    BERT-like encoders need it, CLIP's are trained without)."""
-    import paddle
-
-    wanted = getattr(text_encoder.config, "use_attention_mask", False)
-    return dict(attention_mask=paddle.to_tensor(masks)) if wanted else {}
-
-
 # ----------------------------------------------------------------------------------------------
 # Prior preservation: class images
 
@@ -815,12 +743,14 @@ def load_sampling_pipeline(args, dtype):
     --mixed_precision (if any), and a UNet that skips work repeated at every sampler step."""
     import paddle
     import ppdiffusers
-    from ppdiffusers import StableDiffusionPipeline
 
+    family = families.for_model(args.pretrained_model_name_or_path)
+    vae = families.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path) \
+        if args.pretrained_vae_model_name_or_path else None
+    if vae is not None and dtype:
+        vae.to(dtype=dtype)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
-                                                       requires_safety_checker=False,
-                                                       **({"paddle_dtype": getattr(paddle, dtype)} if dtype else {}))
+        pipe = family.from_pretrained(vae=vae, **({"paddle_dtype": getattr(paddle, dtype)} if dtype else {}))
     except Exception as e:
         raise DreamBoothError(f"cannot load {args.pretrained_model_name_or_path} to generate class images "
                               f"({first_line(e)}); check --pretrained_model_name_or_path") from e
@@ -828,8 +758,9 @@ def load_sampling_pipeline(args, dtype):
         sampler = getattr(ppdiffusers, CLASS_SAMPLERS[args.class_sampler])
         pipe.scheduler = sampler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    reuse_cross_attention_keys_values(pipe.unet)
-    fold_attention_scale_into_queries(pipe.unet)
+    denoiser = getattr(pipe, family.denoiser_name)
+    reuse_cross_attention_keys_values(denoiser)
+    fold_attention_scale_into_queries(denoiser)
     return pipe
 
 
@@ -976,31 +907,32 @@ def epoch_batches(num_items, epoch, seed, global_batch):
     return np.resize(order, num_batches * global_batch).reshape(num_batches, global_batch)
 
 
-def draw_noise(seed, key, latent_shape, num_train_timesteps, noise_offset):
-    """Posterior sample noise, diffusion noise and timestep of one training sample."""
+def draw_noise(seed, key, latent_shape, noise_offset, draw_time):
+    """Posterior sample noise, diffusion noise and time of one training sample; draw_time(rng) is the
+    family's draw of the time."""
     rng = np.random.default_rng([seed, NOISE_STREAM, *key])
     posterior_eps = rng.standard_normal(latent_shape, dtype=np.float32)
     noise = rng.standard_normal(latent_shape, dtype=np.float32)
     if noise_offset:
         noise += noise_offset * rng.standard_normal((latent_shape[0], 1, 1), dtype=np.float32)
-    return posterior_eps, noise, int(rng.integers(0, num_train_timesteps))
+    return posterior_eps, noise, draw_time(rng)
 
 
 # ----------------------------------------------------------------------------------------------
 # The loss
 
 
-def compute_loss(model_pred, target, num_instance, args, snr=None):
-    """Per-sample MSE, optionally Min-SNR weighted; instance mean + prior_loss_weight x class mean.
+def compute_loss(model_pred, target, num_instance, args, snr=None, weight=None):
+    """Per-sample MSE, optionally weighted (Min-SNR from `snr`, or the family's per-sample `weight`);
+    instance mean + prior_loss_weight x class mean.
 
     The first num_instance samples of the batch are instance images, the rest class images.
     """
     per_sample = ((model_pred.astype("float32") - target.astype("float32")) ** 2).mean(axis=[1, 2, 3])
     if snr is not None:
-        clipped = snr.clip(max=args.snr_gamma)
-        # Min-SNR: weight = min(snr, gamma) / snr for epsilon; for velocity the target already carries
-        # a factor (snr + 1) relative to epsilon, so divide by snr + 1.
-        per_sample = per_sample * (clipped / (snr + 1 if args.prediction_type == "v_prediction" else snr))
+        weight = families.min_snr_weight(snr, args.snr_gamma, args.prediction_type)
+    if weight is not None:
+        per_sample = per_sample * weight
     loss = per_sample[:num_instance].mean()
     if num_instance < per_sample.shape[0]:
         loss = loss + args.prior_loss_weight * per_sample[num_instance:].mean()
@@ -1038,17 +970,6 @@ def commit_dir(tmp, final, run_id=""):
             os.replace(final, old)
         os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def give_usual_file_modes(path):
-    """safetensors creates its files readable by their owner only (0600). Give every file under `path`
-    (or `path` itself) the mode the user's umask gives any new file, so that the weights can be copied to
-    or read by another account (a WebUI install, a shared model folder)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    files = [path] if os.path.isfile(path) else [os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns]
-    for name in files:
-        os.chmod(name, 0o666 & ~mask)
 
 
 def recover_interrupted_saves(folder):
@@ -1344,30 +1265,34 @@ def on_host():
         paddle.device.set_device(device)
 
 
-def save_pipeline(args, unet, text_encoder, tokenizer, folder):
-    """Write what the run produces: a full ppdiffusers pipeline (the trained UNet and text encoder, the
-    rest from the base), or with --use_lora a LoRA weights file that load_lora_weights reads.
+def save_pipeline(args, family, models, tokenizers, folder):
+    """Write what the run produces: a full ppdiffusers pipeline (the trained models, the rest from the
+    base), or with --use_lora a LoRA weights file that load_lora_weights reads. `models`: the denoiser
+    and text encoders by pipeline component name.
 
     Only trained models are saved from memory. A frozen model in memory may be held in a half dtype
     (--mixed_precision), and a pipeline saved from it would load in half and fail next to the fp32
-    UNet; so every other component is the base's own, loaded on the host: exactly its fp32 weights."""
-    from ppdiffusers import StableDiffusionPipeline
+    UNet; so every other component is the base's own (or --pretrained_vae_model_name_or_path's VAE),
+    loaded on the host: exactly its fp32 weights."""
     from ppdiffusers.training_utils import unwrap_model
 
-    unet, text_encoder = unwrap_model(unet), unwrap_model(text_encoder)
+    models = {name: unwrap_model(model) for name, model in models.items()}
+    text_encoders = {name: models[name] for name in family.text_encoder_names}
     if args.use_lora:
         from safetensors.numpy import save_file
 
-        unet_state, text_state = lora_state_for_loading(unet, text_encoder, args)
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_state)
+        unet_state, text_state = lora_state_for_loading(models[family.denoiser_name], text_encoders, args)
+        family.save_lora_weights(folder, unet_state)
         if text_state:  # Paddle orientation, as ppdiffusers marks its own files
             save_file({k: v.numpy() for k, v in text_state.items()}, os.path.join(folder, TEXT_ENCODER_LORA),
                       metadata={"format": "pd"})
         return
-    trained = dict(unet=unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {}))
+    trained = [family.denoiser_name] + [n for n in family.trained_text_encoders if args.train_text_encoder]
+    vae_path = args.pretrained_vae_model_name_or_path  # the VAE it trained with goes with it
     with on_host():
-        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, tokenizer=tokenizer,
-                                                       **trained)
+        vae = {"vae": families.load_vae(args.pretrained_model_name_or_path, vae_path)} if vae_path else {}
+        pipe = family.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, **tokenizers, **vae,
+                                                     **{name: models[name] for name in trained})
     pipe.save_pretrained(folder)
 
 
@@ -1427,7 +1352,7 @@ def load_rng_state(path):
             logger.warning("%s: no %s here to restore the random state of; resuming with a fresh one", path, kind)
 
 
-def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, scaler, position, models):
+def save_checkpoint(args, family, models, tokenizers, optimizer, lr_scheduler, scaler, position):
     """output_dir/checkpoint-<step>: a loadable pipeline plus everything needed to resume exactly.
 
     Called on every rank: each writes its own RNG state; rank 0 writes the rest, and last the
@@ -1443,11 +1368,11 @@ def save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler
         barrier()
         save_rng_state(os.path.join(tmp, f"rng_state_{rank}.pkl"))
         if rank == 0:
-            save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+            save_pipeline(args, family, models, tokenizers, tmp)
             names = structured_names(models)
-            paddle.save(rename_state(optimizer.state_dict(), names), os.path.join(tmp, "optimizer.pdopt"))
+            paddle.save(rename_state(optimizer.state_dict(), names), os.path.join(tmp, OPTIMIZER_STATE))
             if args.use_lora:  # the exact trained values, unscaled, for resuming
-                paddle.save(lora_training_state(models), os.path.join(tmp, "lora_training_state.pdparams"))
+                paddle.save(lora_training_state(models), os.path.join(tmp, LORA_TRAINING_STATE))
             state = dict(position, lr_scheduler=lr_scheduler.state_dict(), world_size=world_size,
                          grad_scaler=scaler_state(scaler), args={k: getattr(args, k) for k in RESUME_INVARIANT_ARGS})
             write_json(os.path.join(tmp, "training_state.json"), state)
@@ -1489,7 +1414,7 @@ def list_checkpoints(output_dir):
     return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
 
 
-def save_final(args, unet, text_encoder, tokenizer):
+def save_final(args, family, models, tokenizers):
     """The finished pipeline goes to output_dir itself, beside logs and checkpoints.
 
     It is staged in a temporary folder. The old marker (model_index.json, or the LoRA weights: what
@@ -1499,7 +1424,7 @@ def save_final(args, unet, text_encoder, tokenizer):
     tmp = staging_name(os.path.join(args.output_dir, "final"), "tmp", args.run_id)
     with saving(args.output_dir, resume_fix(args.output_dir), staging=tmp):
         atomic_dir(os.path.join(args.output_dir, "final"), args.run_id)
-        save_pipeline(args, unet, text_encoder, tokenizer, tmp)
+        save_pipeline(args, family, models, tokenizers, tmp)
         give_usual_file_modes(tmp)
         with signals_deferred():
             for marker in FINISHED_MARKERS:
@@ -1516,18 +1441,15 @@ def save_final(args, unet, text_encoder, tokenizer):
         logger.info("Saved the trained pipeline to %s", args.output_dir)
 
 
-def export_result(args):
+def export_result(args, family):
     """--export_single_file: the saved result as output_dir/<its name>.safetensors for WebUI / ComfyUI.
     Read from what save_final just wrote, never from memory, where frozen models may be held in half."""
     import export_single_file
 
     out = export_single_file.default_out_path(args.output_dir)
     try:
-        if args.use_lora:
-            summary = export_single_file.export_lora(args.output_dir, out, half=args.export_half)
-        else:
-            with on_host():  # a second UNet on the device next to the trained one and its optimizer states
-                summary = export_single_file.export_pipeline(args.output_dir, out, half=args.export_half)
+        with on_host():  # a second UNet on the device next to the trained one and its optimizer states
+            summary = family.export(args.output_dir, out, args.use_lora, args.export_half)
     except (ValueError, *write_failures()) as e:
         raise DreamBoothError(f"--export_single_file: could not write {out} ({failure_reason(e)}); "
                               f"the trained model is saved in {args.output_dir}, and python export_single_file.py "
@@ -1578,22 +1500,19 @@ def sampling_mode(*models):
         paddle.set_rng_state(rng)
 
 
-def validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, step, autocast):
+def validate(args, family, parts, writer, step, autocast):
     """Sample the validation prompts with the models in memory (no copy of the weights) and write
     output_dir/validation/step-<N>.png. Image i of every prompt and step starts from seed + i, so
     grids are comparable across steps. Training state (modes, RNG) is left as it was."""
     import paddle
-    from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from ppdiffusers.training_utils import unwrap_model
 
-    unet, text_encoder = unwrap_model(unet), unwrap_model(text_encoder)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from diagnostics import measuring
+
+    pipe = family.pipeline(parts, family.sampling_scheduler(parts.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     rows = []
     # Frozen models may be held in half, as in training.
-    with paddle.no_grad(), autocast(), sampling_mode(unet, text_encoder):
+    with paddle.no_grad(), autocast(), sampling_mode(parts.denoiser, *parts.text_encoders.values()):
         for prompt in args.validation_prompt:
             generators = [paddle.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
             images = pipe([prompt] * args.num_validation_images, height=args.height, width=args.width,
@@ -1706,6 +1625,8 @@ def train(args, mkl_code_path):
     barrier()
     resume_from = find_resume_checkpoint(args)
     resume_state = read_training_state(args, resume_from) if resume_from else None
+    family = families.for_model(args.pretrained_model_name_or_path)
+    family.check_args(args)
     if args.seed is None:  # a resumed run keeps its seed; a new one draws and logs it
         args.seed = resume_state["args"]["seed"] if resume_state else random.SystemRandom().randrange(2**31)
         logger.info("No --seed given: using --seed %d", args.seed)
@@ -1726,11 +1647,13 @@ def train(args, mkl_code_path):
     logger.info("%d instance images, %d class images, %d examples per epoch", len(instances), len(classes),
                 num_items)
 
-    # --- Models.
+    # --- Models: what the family loads; the loop below never asks which family it is.
     set_phase("loading the models", "nothing of this run was written" + (
         " but whole class images, which are kept" if args.with_prior_preservation else "") + ": rerun the same command")
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, resume_from)
-    check_prompts(tokenizer, concepts, instances, args.validation_prompt)
+    parts = family.load(args, resume_from, reading_checkpoint)
+    tokenizers, text_encoders, vae, denoiser, noise_scheduler = (parts.tokenizers, parts.text_encoders, parts.vae,
+                                                                 parts.denoiser, parts.noise_scheduler)
+    check_prompts(next(iter(tokenizers.values())), concepts, instances, args.validation_prompt)
     if rank == 0:  # the first write to output_dir, once every input has been checked
         with saving(args.output_dir, "choose a folder you can write to"):
             os.makedirs(args.output_dir, exist_ok=True)
@@ -1743,15 +1666,17 @@ def train(args, mkl_code_path):
     vae.eval()
     for p in vae.parameters():
         p.stop_gradient = True
-    text_encoder.train() if args.train_text_encoder else text_encoder.eval()
-    for p in text_encoder.parameters():
-        p.stop_gradient = not args.train_text_encoder
-    unet.train()
-    models = dict(unet=unet, text_encoder=text_encoder)  # unwrapped, whatever wraps them later
+    trained_text = [name for name in family.trained_text_encoders if args.train_text_encoder]
+    for name, text_encoder in text_encoders.items():
+        text_encoder.train() if name in trained_text else text_encoder.eval()
+        for p in text_encoder.parameters():
+            p.stop_gradient = name not in trained_text
+    denoiser.train()
+    models = {family.denoiser_name: denoiser, **text_encoders}  # unwrapped, whatever wraps them later
     if args.use_lora:
-        counts = dict(unet=add_lora_adapters(unet, args))
-        if args.train_text_encoder:
-            counts["text_encoder"] = add_text_encoder_lora(text_encoder, args.lora_rank, args.lora_alpha)
+        counts = {family.denoiser_name: add_lora_adapters(denoiser, args, family.lora_projections)}
+        for name in trained_text:
+            counts[name] = add_text_encoder_lora(text_encoders[name], args.lora_rank, args.lora_alpha)
         for label, trainable in counts.items():
             total = sum(int(p.numel()) for p in models[label].parameters())
             logger.info("LoRA rank %d, alpha %g: %d trainable parameters in the %s (%.2f%% of its %d)",
@@ -1761,36 +1686,41 @@ def train(args, mkl_code_path):
                 saved = paddle.load(os.path.join(resume_from, "lora_training_state.pdparams"))
                 for name, p in lora_training_state(models).items():
                     p.set_value(saved[name])
+    frozen_text = [m for name, m in text_encoders.items() if name not in trained_text]
+    # A VAE that overflows in fp16 (SDXL's own) stays fp32 and encodes outside autocast.
+    keep_vae_fp32 = family.vae_overflows_in_fp16 and not args.pretrained_vae_model_name_or_path \
+        and dtype == "float16"
     if dtype:  # trained weights stay fp32; frozen ones only ever run forward
-        for model in [vae] + ([] if args.train_text_encoder else [text_encoder]):
+        for model in ([] if keep_vae_fp32 else [vae]) + frozen_text:
             model.to(dtype=dtype)
     scaler = grad_scaler(dtype)
+    vae_autocast = contextlib.nullcontext if keep_vae_fp32 else autocast
     if args.enable_xformers_memory_efficient_attention:
-        enable_memory_efficient_attention(unet)
+        enable_memory_efficient_attention(denoiser)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        denoiser.enable_gradient_checkpointing()
+        for name in trained_text:
+            text_encoders[name].gradient_checkpointing_enable()
     if args.print_memory_estimate and rank == 0:
         import memory_estimate
 
-        trained_unet, trained_text = (sum(int(p.numel()) for p in m.parameters() if not p.stop_gradient)
-                                      for m in (unet, text_encoder))
+        trained_counts = [sum(int(p.numel()) for m in group for p in m.parameters() if not p.stop_gradient)
+                          for group in ([denoiser], list(text_encoders.values()))]
         memory_estimate.log_estimate(logger.info, *memory_estimate.estimate(
-            unet, text_encoder, vae, trained_unet, trained_text, args, latent_shape[1:], tokenizer.model_max_length))
+            denoiser, list(text_encoders.values()), vae, *trained_counts, args, latent_shape[1:],
+            family.max_tokens(tokenizers)))
 
-    # --- What never changes is computed once: prompt embeddings of a frozen text encoder, and the
+    # --- What never changes is computed once: prompt embeddings of frozen text encoders, and the
     # VAE posterior (mean, std) of each image when no random crop would be lost by caching.
-    prompt_ids = {p: tokenize(tokenizer, p) for p in {it.prompt for it in instances + classes}}
+    prompt_ids = {p: family.tokenize(tokenizers, p) for p in {it.prompt for it in instances + classes}}
     if args.cache_latents is None:
         args.cache_latents = not any(it.random_crop for it in instances + classes)
     elif args.cache_latents and any(it.random_crop for it in instances + classes):
         logger.warning("--cache_latents: images are center-cropped once instead of randomly per step")
     embeddings = {}
-    if not args.train_text_encoder:
+    if not trained_text:
         with paddle.no_grad():
-            embeddings = {p: text_encoder(paddle.to_tensor([ids]), **mask_argument(text_encoder, [mask]))[0]
-                          for p, (ids, mask) in prompt_ids.items()}
+            embeddings = {p: family.encode(text_encoders, [ids]) for p, ids in prompt_ids.items()}
     posterior_cache = {}
     if args.cache_latents:
         with paddle.no_grad():
@@ -1817,7 +1747,7 @@ def train(args, mkl_code_path):
     lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    params = [p for m in (unet, text_encoder) for p in m.parameters() if not p.stop_gradient]
+    params = [p for m in models.values() for p in m.parameters() if not p.stop_gradient]
     optimizer = paddle.optimizer.AdamW(
         learning_rate=lr_scheduler, parameters=params, beta1=args.adam_beta1, beta2=args.adam_beta2,
         epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
@@ -1831,10 +1761,11 @@ def train(args, mkl_code_path):
         logger.info("Resuming from %s at update %d", resume_from, position["global_step"])
 
     if world_size > 1:
-        unet = paddle.DataParallel(unet)
-        if args.train_text_encoder:
-            text_encoder = paddle.DataParallel(text_encoder)
-    trained = [unet] + ([text_encoder] if args.train_text_encoder else [])
+        denoiser = paddle.DataParallel(denoiser)
+        # SDXL conditions on the first encoder's penultimate layer: its last layer gets no gradient.
+        text_encoders = {name: paddle.DataParallel(m, find_unused_parameters=True) if name in trained_text else m
+                         for name, m in text_encoders.items()}
+    trained = [denoiser] + [text_encoders[name] for name in trained_text]
 
     def no_sync():
         """Skip the gradient all-reduce on accumulation micro-steps; it runs on the last one."""
@@ -1856,48 +1787,45 @@ def train(args, mkl_code_path):
         if classes:  # class samples follow the instance samples in the same forward pass
             keyed += [(classes[batch_items[pos] % len(classes)], (epoch, batch_index * global_batch + pos, 1))
                       for pos in mine]
-        batch = dict(items=[], flips=[], pixels=[], eps=[], noise=[], timesteps=[])
+        batch = dict(items=[], flips=[], pixels=[], geometry=[], eps=[], noise=[], times=[])
         for item, key in keyed:
-            aug_rng = np.random.default_rng([args.seed, AUGMENT_STREAM, *key])
+            aug_key = [args.seed, AUGMENT_STREAM, *key]
+            aug_rng = np.random.default_rng(aug_key)
             if args.cache_latents:
                 flip = bool(args.random_flip and aug_rng.random() < 0.5)
+                box = crop_box(item.image, args.height, args.width, True, None)
             else:
                 pixels, flip = item.pixels(aug_rng, args)
+                box, _ = item.augmentation(np.random.default_rng(aug_key), args)  # the same draws: the crop made
                 batch["pixels"].append(pixels)
-            eps, noise, t = draw_noise(args.seed, key, latent_shape, noise_scheduler.config.num_train_timesteps,
-                                       args.noise_offset)
-            for name, value in zip(("items", "flips", "eps", "noise", "timesteps"), (item, flip, eps, noise, t)):
+            eps, noise, t = draw_noise(args.seed, key, latent_shape, args.noise_offset,
+                                       lambda rng: family.draw_time(rng, noise_scheduler))
+            for name, value in zip(("items", "flips", "geometry", "eps", "noise", "times"),
+                                   (item, flip, item.geometry(box, flip), eps, noise, t)):
                 batch[name].append(value)
         return batch
 
     def model_inputs(batch):
-        """Paddle side: latents sampled from the (cached or fresh) VAE posterior, noised; the target."""
+        """Paddle side: latents sampled from the (cached or fresh) VAE posterior, noised; the prompts'
+        conditioning; the target and per-sample loss weight."""
         if args.cache_latents:
             cached = [posterior_cache[id(item), flip] for item, flip in zip(batch["items"], batch["flips"])]
             mean, std = paddle.stack([m for m, _ in cached]), paddle.stack([s for _, s in cached])
         else:
-            with paddle.no_grad(), autocast():
+            with paddle.no_grad(), vae_autocast():
                 posterior = vae.encode(paddle.to_tensor(np.stack(batch["pixels"]), dtype=vae.dtype)).latent_dist
             mean, std = posterior.mean.astype("float32"), posterior.std.astype("float32")
         latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"]))) * vae_scale
         noise = paddle.to_tensor(np.stack(batch["noise"]))
-        timesteps = paddle.to_tensor(batch["timesteps"], dtype="int64")
         prompts = [item.prompt for item in batch["items"]]
-        if args.train_text_encoder:
+        if trained_text:
             with autocast():
-                ids, masks = zip(*(prompt_ids[p] for p in prompts))
-                encoder_states = text_encoder(paddle.to_tensor(ids), **mask_argument(models["text_encoder"], masks))[0]
+                cond = family.encode(text_encoders, [prompt_ids[p] for p in prompts])
         else:
-            encoder_states = paddle.concat([embeddings[p] for p in prompts])
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) \
-            if args.prediction_type == "v_prediction" else noise
-        return noisy, timesteps, encoder_states, target
-
-    def snr_of(timesteps):
-        from ppdiffusers.training_utils import compute_snr
-
-        return compute_snr(noise_scheduler, timesteps) if args.snr_gamma else None
+            cond = {k: paddle.concat([embeddings[p][k] for p in prompts]) for k in embeddings[prompts[0]]}
+        noisy, timesteps, target, weight = family.noise_step(noise_scheduler, latents, noise, batch["times"],
+                                                             args.snr_gamma)
+        return noisy, timesteps, cond, target, weight
 
     set_phase("preparing to train", "complete checkpoints are kept: rerun the same command with "
               "--resume_from_checkpoint latest")
@@ -1906,9 +1834,9 @@ def train(args, mkl_code_path):
     diag = None
     if rank == 0 and args.diagnostics_steps:
         with saving(os.path.join(args.output_dir, diagnostics.CSV_FILE), resume_fix(args.output_dir)):
-            diag = diagnostics.start(args, concepts, instances, (tokenizer, text_encoder, vae, unet, noise_scheduler),
-                                     autocast, writer, position["global_step"])
-    parked = park(([vae] if args.cache_latents else []) + ([] if args.train_text_encoder else [text_encoder]))
+            diag = diagnostics.start(args, family, concepts, instances, parts, autocast, writer,
+                                     position["global_step"])
+    parked = park(([vae] if args.cache_latents else []) + frozen_text)
     logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
                 args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
                 args.gradient_accumulation_steps, args.learning_rate)
@@ -1931,11 +1859,12 @@ def train(args, mkl_code_path):
                 group = range(group_start, min(group_start + args.gradient_accumulation_steps, batches_per_epoch))
                 group_loss, update_started, update_cpu = 0.0, time.perf_counter(), time.process_time()
                 for batch_index in group:
-                    noisy, timesteps, states, target = model_inputs(next(batches))
+                    batch = next(batches)
+                    noisy, timesteps, cond, target, weight = model_inputs(batch)
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
                         with autocast():
-                            pred = unet(noisy, timesteps, states).sample
-                        loss = compute_loss(pred, target, args.train_batch_size, args, snr_of(timesteps)) / len(group)
+                            pred = family.denoise(denoiser, noisy, timesteps, cond, batch["geometry"])
+                        loss = compute_loss(pred, target, args.train_batch_size, args, weight=weight) / len(group)
                         scaler.scale(loss).backward() if scaler else loss.backward()
                     group_loss += loss.detach()
                 # One small all-reduce per update: every rank logs the global mean loss and takes the
@@ -1985,12 +1914,10 @@ def train(args, mkl_code_path):
                                 os.path.join(args.output_dir, diagnostics.CSV_FILE), resume_fix(args.output_dir)):
                             diag.measure(global_step)
                 if signalled or stepped and global_step % args.save_steps == 0:
-                    save_checkpoint(args, unet, text_encoder, tokenizer, optimizer, lr_scheduler, scaler, position,
-                                    models)
+                    save_checkpoint(args, family, models, tokenizers, optimizer, lr_scheduler, scaler, position)
                 if logged and args.validation_prompt and global_step % args.validation_steps == 0 and not signalled:
                     with borrowed(parked), stop_signal.interruptible("Validation"):
-                        validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step,
-                                 autocast)
+                        validate(args, family, parts, writer, global_step, autocast)
                     validated_at = global_step
                 if signalled:
                     raise Interrupted(f"stopped by a signal after update {global_step}; checkpoint saved: resume with "
@@ -2009,11 +1936,11 @@ def train(args, mkl_code_path):
             logger.info("Peak GPU memory allocated: %.0f MiB", paddle.device.cuda.max_memory_allocated() / 2**20)
         set_phase("saving the trained model", f"{args.output_dir} holds no half-written model and complete "
                   "checkpoints are kept: rerun the same command with --resume_from_checkpoint latest")
-        save_final(args, unet, text_encoder, tokenizer)
+        save_final(args, family, models, tokenizers)
         set_phase("validating the trained model", f"the trained model is saved in {args.output_dir}")
         with borrowed(parked):
             if args.validation_prompt and validated_at != global_step:
-                validate(args, unet, text_encoder, vae, tokenizer, noise_scheduler, writer, global_step, autocast)
+                validate(args, family, parts, writer, global_step, autocast)
             if diag:
                 with saving(os.path.join(args.output_dir, diagnostics.PLOT_FILE),
                             f"the trained model is saved in {args.output_dir}"):
@@ -2022,7 +1949,7 @@ def train(args, mkl_code_path):
         if args.export_single_file:
             set_phase("exporting", f"the trained model is saved in {args.output_dir}; python export_single_file.py "
                       f"{args.output_dir} exports it later")
-            export_result(args)
+            export_result(args, family)
     barrier()
 
 

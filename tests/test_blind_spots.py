@@ -239,6 +239,7 @@ RESUME_INVARIANT = {
     "num_class_images": ["--num_class_images", 5], "learning_rate": ["--learning_rate", 0.5],
     "lr_scheduler": ["--lr_scheduler", "cosine"], "use_lora": ["--use_lora"], "lora_rank": ["--lora_rank", 8],
     "lora_alpha": ["--lora_alpha", 16],
+    "pretrained_vae_model_name_or_path": ["--pretrained_vae_model_name_or_path", "another/vae"],
     "world_size": [],  # written into the checkpoint below: as if 2 processes had trained it
 }
 

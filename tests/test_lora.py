@@ -34,9 +34,10 @@ def train_recording_outputs(*argv):
 
     real = train_dreambooth.save_final
 
-    def recording(args, unet, text_encoder, tokenizer):
-        TRAINED_OUTPUTS[str(args.output_dir)] = model_output(unet, text_encoder, tokenizer)
-        return real(args, unet, text_encoder, tokenizer)
+    def recording(args, family, models, tokenizers):
+        TRAINED_OUTPUTS[str(args.output_dir)] = model_output(models["unet"], models["text_encoder"],
+                                                             tokenizers["tokenizer"])
+        return real(args, family, models, tokenizers)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_dreambooth, "save_final", recording)

@@ -65,9 +65,12 @@ def test_a_save_next_to_half_frozen_models_holds_the_base_fp32_weights_and_sampl
 
     import train_dreambooth
 
+    import families
+
     args = train_dreambooth.parse_args(train_args(tiny_model, "unused", str(tmp_path / "unused")))
-    tokenizer, text_encoder, vae, unet, _ = train_dreambooth.load_models(args)
-    for model in (vae, text_encoder):
+    family = families.for_model(tiny_model)
+    parts = family.load(args)
+    for model in (parts.vae, parts.text_encoders["text_encoder"]):
         model.to(dtype="float16")
     device = {"now": "gpu:0"}  # a stand-in for the device's state, so the host switch can be seen
     monkeypatch.setattr(paddle.device, "get_device", lambda: device["now"])
@@ -79,7 +82,8 @@ def test_a_save_next_to_half_frozen_models_holds_the_base_fp32_weights_and_sampl
         return real_load(*a, **k)
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", recording_load)
     folder = str(tmp_path / "saved")
-    train_dreambooth.save_pipeline(args, unet, text_encoder, tokenizer, folder)
+    train_dreambooth.save_pipeline(args, family, dict(unet=parts.denoiser, **parts.text_encoders), parts.tokenizers,
+                                   folder)
     monkeypatch.undo()
     assert loaded_on == ["cpu"] and device["now"] == "gpu:0"
     for component in ("text_encoder", "vae"):
