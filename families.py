@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, behind one seam.
+"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL, behind one seam.
 
 train_dreambooth.py's loop knows no family. `for_model(model)` reads `_class_name` from the model's
 model_index.json and returns one small object; the trainer, diagnostics and export talk only to it. A new
@@ -9,6 +9,7 @@ family subclasses SD (the reference), overrides what differs and is registered i
               (what --train_text_encoder trains), lora_projections (sub-layers of every Attention layer
               of the denoiser that get LoRA), vae_overflows_in_fp16 (keep the VAE fp32 under fp16).
   check_args(args)                    refuse flags this family does not support (one line).
+  unreachable(name, text_encoder)     parameter prefixes the conditioning never reads (frozen, no LoRA).
   load(args, resume_from, reading_checkpoint) -> Parts
                                       tokenizers and text_encoders ({component name: object}), vae,
                                       denoiser, noise_scheduler. Resuming a full fine-tune loads the
@@ -232,6 +233,12 @@ class SD:
                                     lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
         return Parts(tokenizers, text_encoders, vae, unet, noise_scheduler)
 
+    def unreachable(self, name, text_encoder):
+        """Parameter-name prefixes of a text encoder that the conditioning never reads: they get no
+        gradient, so they are frozen (and get no LoRA), which data parallel needs (its reducer would
+        wait for their gradients)."""
+        return ()
+
     # --- prompts
 
     def tokenize(self, tokenizers, prompt):
@@ -314,4 +321,50 @@ class SD:
         return export_single_file.export_pipeline(folder, out, half=half)
 
 
-FAMILIES = {cls.pipeline_class_name: cls for cls in (SD,)}
+class SDXL(SD):
+    """SDXL: two CLIP text encoders (penultimate hidden states of both, concatenated, and the second's
+    pooled projection) and a UNet conditioned on those plus each sample's Geometry."""
+    label = "SDXL"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    trained_text_encoders = ("text_encoder", "text_encoder_2")
+    vae_overflows_in_fp16 = True  # SDXL's own VAE; a fixed one comes with --pretrained_vae_model_name_or_path
+    sampling_kwargs = dict(add_watermarker=False)
+
+    def check_args(self, args):
+        if args.tokenizer_name:
+            raise DreamBoothError("--tokenizer_name: SDXL has two tokenizers, which come from the model folder; "
+                                  "drop the flag")
+        if args.export_single_file:
+            raise DreamBoothError("--export_single_file is not supported for SDXL yet; drop the flag (the output "
+                                  "folder loads with StableDiffusionXLPipeline)")
+
+    def unreachable(self, name, text_encoder):
+        if name != "text_encoder":
+            return ()
+        last = text_encoder.config.num_hidden_layers - 1  # the penultimate layer's output is the last read
+        return f"text_model.encoder.layers.{last}.", "text_model.final_layer_norm."
+
+    def encode(self, text_encoders, ids):
+        """As SDXL was trained: the penultimate hidden states of both encoders, concatenated, and the
+        pooled (projected) output of the second."""
+        import paddle
+
+        outputs = [text_encoders[name](paddle.to_tensor([row[i][0] for row in ids]), output_hidden_states=True)
+                   for i, name in enumerate(self.text_encoder_names)]
+        return {"prompt_embeds": paddle.concat([out.hidden_states[-2] for out in outputs], axis=-1),
+                "pooled_prompt_embeds": outputs[-1][0]}  # the second encoder's projected text_embeds
+
+    def denoise(self, denoiser, noisy, timesteps, cond, geometry):
+        import paddle
+
+        time_ids = paddle.to_tensor(np.asarray(geometry, dtype=np.float32))
+        added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": time_ids}
+        return denoiser(noisy, timesteps, cond["prompt_embeds"], added_cond_kwargs=added).sample
+
+    def pipeline(self, parts, scheduler):
+        return self.pipeline_class(**self.components(parts), scheduler=scheduler, add_watermarker=False)
+
+
+FAMILIES = {cls.pipeline_class_name: cls for cls in (SD, SDXL)}

@@ -1,11 +1,12 @@
 """Build a tiny, randomly initialised Stable Diffusion pipeline on disk.
 
-    python tiny_sd.py OUT_DIR [--size tiny|small] [--prediction_type epsilon|v_prediction]
+    python tiny_sd.py OUT_DIR [--size tiny|small] [--prediction_type epsilon|v_prediction] [--family sd|sdxl]
 
 The result has the folder layout of a real SD 1.x model (unet, vae, text_encoder,
 tokenizer, scheduler), so `train_dreambooth.py --pretrained_model_name_or_path OUT_DIR`
 and `StableDiffusionPipeline.from_pretrained(OUT_DIR)` treat it exactly like
-CompVis/stable-diffusion-v1-4, only thousands of times smaller. The tests, the demo
+CompVis/stable-diffusion-v1-4, only thousands of times smaller; --family sdxl writes the
+StableDiffusionXLPipeline layout (two text encoders, tokenizer_2, text_encoder_2) instead. The tests, the demo
 and the benchmark all build their models here, so the weights are fixed by the seed.
 """
 import argparse
@@ -135,15 +136,101 @@ def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", 
     tmp.cleanup()
 
 
+SDXL_SIZES = {
+    # SDXL's shape in miniature: a first block without attention, two CLIP encoders whose widths add up
+    # to the cross-attention width, and the "text_time" added embedding of the pooled prompt and the
+    # six size/crop numbers.
+    "tiny": dict(unet_channels=(32, 64), layers_per_block=1, transformer_layers=(1, 1), attention_head_dim=8,
+                 vae_channels=(16, 32, 32, 32), text_hidden=(32, 32), text_layers=2, text_heads=4,
+                 projection_dim=32, time_embed_dim=8),
+    "small": dict(unet_channels=(64, 128, 256), layers_per_block=2, transformer_layers=(1, 1, 2),
+                  attention_head_dim=8, vae_channels=(32, 64, 128, 128), text_hidden=(128, 256), text_layers=4,
+                  text_heads=4, projection_dim=256, time_embed_dim=32),
+}
+
+
+def save_tiny_sdxl_pipeline(out_dir, size="tiny", seed=0, max_length=16):
+    """A tiny random SDXL pipeline (StableDiffusionXLPipeline layout) in out_dir."""
+    import tempfile
+
+    import paddle
+    from ppdiffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from ppdiffusers.transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                                          CLIPTokenizer)
+
+    s = SDXL_SIZES[size]
+    paddle.seed(seed)
+    n_blocks = len(s["unet_channels"])
+    unet = UNet2DConditionModel(
+        sample_size=8 if size == "tiny" else 16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=s["unet_channels"],
+        layers_per_block=s["layers_per_block"],
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_blocks - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_blocks - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=s["transformer_layers"],
+        cross_attention_dim=sum(s["text_hidden"]),
+        attention_head_dim=s["attention_head_dim"],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=s["time_embed_dim"],
+        projection_class_embeddings_input_dim=6 * s["time_embed_dim"] + s["projection_dim"],
+        norm_num_groups=min(32, s["unet_channels"][0]),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]),
+        latent_channels=4,
+        norm_num_groups=min(32, s["vae_channels"][0]),
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    tmp = tempfile.TemporaryDirectory()
+    vocab_size = write_tokenizer_files(tmp.name)
+    tokenizers = [CLIPTokenizer(vocab_file=os.path.join(tmp.name, "vocab.json"),
+                                merges_file=os.path.join(tmp.name, "merges.txt"), model_max_length=max_length)
+                  for _ in range(2)]
+
+    def clip_config(hidden):
+        return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                              num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+                              max_position_embeddings=max_length, bos_token_id=vocab_size - 2,
+                              eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                              projection_dim=s["projection_dim"])
+
+    text_encoder = CLIPTextModel(clip_config(s["text_hidden"][0]))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(s["text_hidden"][1]))
+    # SDXL ships Euler for sampling; training reads the DDPM betas of the same config.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                     scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(out_dir)
+    tmp.cleanup()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
+                        help="SD 1.x/2.x only")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd",
+                        help="sd: the SD 1.x layout; sdxl: StableDiffusionXLPipeline's (two text encoders)")
     args = parser.parse_args()
-    save_tiny_pipeline(args.out_dir, args.size, args.seed, args.prediction_type)
-    print(f"tiny Stable Diffusion pipeline ({args.size}) written to {args.out_dir}")
+    if args.family == "sdxl":
+        save_tiny_sdxl_pipeline(args.out_dir, args.size, args.seed)
+    else:
+        save_tiny_pipeline(args.out_dir, args.size, args.seed, args.prediction_type)
+    print(f"tiny {'SDXL' if args.family == 'sdxl' else 'Stable Diffusion'} pipeline ({args.size}) written to "
+          f"{args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -547,9 +547,10 @@ def add_lora_adapters(unet, args, projections=families.SD.lora_projections):
     return sum(int(p.numel()) for p in unet.parameters() if not p.stop_gradient)
 
 
-def add_text_encoder_lora(text_encoder, rank, alpha):
+def add_text_encoder_lora(text_encoder, rank, alpha, skip=()):
     """Freeze the text encoder and wrap each self-attention projection in ppdiffusers'
-    PatchedLoraProjection (alpha None: scale 1); returns the number of trainable parameters."""
+    PatchedLoraProjection (alpha None: scale 1), except under the parameter prefixes `skip`; returns
+    the number of trainable parameters."""
     from ppdiffusers.models.lora import PatchedLoraProjection, text_encoder_attn_modules
 
     for p in text_encoder.parameters():
@@ -559,7 +560,9 @@ def add_text_encoder_lora(text_encoder, rank, alpha):
     except ValueError as e:
         raise DreamBoothError(f"--use_lora --train_text_encoder: {first_line(e)}; LoRA covers CLIP text encoders "
                               "only, drop --train_text_encoder") from e
-    for _, attention in attentions:
+    for path, attention in attentions:
+        if f"{path}.".startswith(tuple(skip)):
+            continue
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             setattr(attention, name, PatchedLoraProjection(getattr(attention, name), network_alpha=alpha, rank=rank))
     return sum(int(p.numel()) for p in text_encoder.parameters() if not p.stop_gradient)
@@ -1669,14 +1672,16 @@ def train(args, mkl_code_path):
     trained_text = [name for name in family.trained_text_encoders if args.train_text_encoder]
     for name, text_encoder in text_encoders.items():
         text_encoder.train() if name in trained_text else text_encoder.eval()
-        for p in text_encoder.parameters():
-            p.stop_gradient = name not in trained_text
+        unreachable = tuple(family.unreachable(name, text_encoder))
+        for key, p in text_encoder.named_parameters():
+            p.stop_gradient = name not in trained_text or key.startswith(unreachable)
     denoiser.train()
     models = {family.denoiser_name: denoiser, **text_encoders}  # unwrapped, whatever wraps them later
     if args.use_lora:
         counts = {family.denoiser_name: add_lora_adapters(denoiser, args, family.lora_projections)}
         for name in trained_text:
-            counts[name] = add_text_encoder_lora(text_encoders[name], args.lora_rank, args.lora_alpha)
+            counts[name] = add_text_encoder_lora(text_encoders[name], args.lora_rank, args.lora_alpha,
+                                                 skip=family.unreachable(name, text_encoders[name]))
         for label, trainable in counts.items():
             total = sum(int(p.numel()) for p in models[label].parameters())
             logger.info("LoRA rank %d, alpha %g: %d trainable parameters in the %s (%.2f%% of its %d)",
@@ -1762,8 +1767,7 @@ def train(args, mkl_code_path):
 
     if world_size > 1:
         denoiser = paddle.DataParallel(denoiser)
-        # SDXL conditions on the first encoder's penultimate layer: its last layer gets no gradient.
-        text_encoders = {name: paddle.DataParallel(m, find_unused_parameters=True) if name in trained_text else m
+        text_encoders = {name: paddle.DataParallel(m) if name in trained_text else m
                          for name, m in text_encoders.items()}
     trained = [denoiser] + [text_encoders[name] for name in trained_text]
 

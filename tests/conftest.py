@@ -29,6 +29,16 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random SDXL pipeline folder (tiny_sd.py --family sdxl), built once per test session."""
+    from tiny_sd import save_tiny_sdxl_pipeline
+
+    out = str(tmp_path_factory.mktemp("tiny_sdxl"))
+    save_tiny_sdxl_pipeline(out)
+    return out
+
+
 def make_images(folder, n=4, size=(72, 64), seed=0, ext="png"):
     """n random RGB images of size (width, height) in folder; returns the folder."""
     os.makedirs(folder, exist_ok=True)
