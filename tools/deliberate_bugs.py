@@ -44,18 +44,20 @@ class Bug:
 
 
 T = "train_dreambooth.py"
+F = "families.py"
 NUMERICS = "tests/test_numerics.py"
 BLIND = "tests/test_blind_spots.py"
 MULTI = "tests/test_multi_process.py"
 FAULTS = "tests/test_faults.py"
 
 BUGS = [
-    Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", T,
-        'target = noise_scheduler.get_velocity(latents, noise, timesteps) \\\n'
-        '            if args.prediction_type == "v_prediction" else noise',
+    Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
+        'target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" \\\n'
+        '            else noise',
         "target = noise", [NUMERICS, "-k", "v_prediction_models"]),
-    Bug("epsilon_target_is_velocity", "epsilon models train against the velocity", T,
-        'if args.prediction_type == "v_prediction" else noise', 'if args.prediction_type != "v_prediction" else noise',
+    Bug("epsilon_target_is_velocity", "epsilon models train against the velocity", F,
+        'if prediction_type == "v_prediction" \\\n            else noise',
+        'if prediction_type != "v_prediction" \\\n            else noise',
         [NUMERICS, "-k", "first_update"]),
     Bug("latent_scale_dropped", "latents not multiplied by the VAE's scaling_factor", T,
         'latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"]))) * vae_scale',
@@ -66,13 +68,13 @@ BUGS = [
         "loss = loss + per_sample[num_instance:].mean()",
         [NUMERICS, "-k", "compute_loss or first_update"]),
     Bug("accumulation_not_divided", "accumulated micro-batch losses summed, not averaged", T,
-        "args.train_batch_size, args, snr_of(timesteps)) / len(group)",
-        "args.train_batch_size, args, snr_of(timesteps))",
+        "args.train_batch_size, args, weight=weight) / len(group)",
+        "args.train_batch_size, args, weight=weight)",
         [NUMERICS, "-k", "accumulation_equals"]),
     Bug("short_group_divided_by_full_accumulation", "an epoch's last, shorter group averaged over "
         "--gradient_accumulation_steps instead of the micro-batches it has", T,
-        "args.train_batch_size, args, snr_of(timesteps)) / len(group)",
-        "args.train_batch_size, args, snr_of(timesteps)) / args.gradient_accumulation_steps",
+        "args.train_batch_size, args, weight=weight) / len(group)",
+        "args.train_batch_size, args, weight=weight) / args.gradient_accumulation_steps",
         [BLIND, "-k", "epoch_boundary"]),
     Bug("no_sync_on_last_micro_batch", "gradients all-reduced on the first micro-batch of a group instead of "
         "the last (the last micro-batch's gradient never reaches the other rank)", T,
@@ -128,10 +130,11 @@ BUGS = [
         "noise += noise_offset * rng.standard_normal(latent_shape, dtype=np.float32)",
         [BLIND, "-k", "noise_offset"]),
     Bug("snr_gamma_not_applied", "--snr_gamma parsed but the loss is not weighted in training", T,
-        "return compute_snr(noise_scheduler, timesteps) if args.snr_gamma else None", "return None",
+        'batch["times"],\n                                                             args.snr_gamma)',
+        'batch["times"],\n                                                             None)',
         [BLIND, "-k", "snr_gamma"]),
-    Bug("snr_weight_clipped_from_below", "Min-SNR clips the SNR from below instead of above", T,
-        "clipped = snr.clip(max=args.snr_gamma)", "clipped = snr.clip(min=args.snr_gamma)",
+    Bug("snr_weight_clipped_from_below", "Min-SNR clips the SNR from below instead of above", F,
+        "return snr.clip(max=gamma) /", "return snr.clip(min=gamma) /",
         [NUMERICS, "-k", "min_snr"]),
     Bug("validation_leaves_text_encoder_in_eval", "validation does not put the trained text encoder back "
         "into training mode (its dropout stops)", T,
@@ -141,12 +144,13 @@ BUGS = [
         "        paddle.set_rng_state(rng)\n",
         [BLIND, "-k", "bit_identical"]),
     Bug("validation_samples_the_base_unet", "validation images come from the base UNet, not the trained one", T,
-        "pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,",
-        "pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=type(unet)"
-        ".from_pretrained(args.pretrained_model_name_or_path, subfolder=\"unet\"),",
+        "pipe = family.pipeline(parts, family.sampling_scheduler(parts.noise_scheduler))",
+        "pipe = family.pipeline(families.Parts(**{**vars(parts), \"denoiser\": type(parts.denoiser).from_pretrained("
+        "args.pretrained_model_name_or_path, subfolder=\"unet\")}), family.sampling_scheduler(parts.noise_scheduler))",
         [BLIND, "-k", "validation_samples"]),
-    Bug("attention_mask_dropped", "a text encoder whose config sets use_attention_mask gets no mask", T,
-        "return dict(attention_mask=paddle.to_tensor(masks)) if wanted else {}", "return {}",
+    Bug("attention_mask_dropped", "a text encoder whose config sets use_attention_mask gets no mask", F,
+        'return dict(attention_mask=paddle.to_tensor(masks)) if getattr(config, "use_attention_mask", False) else {}',
+        "return {}",
         [BLIND, "-k", "attention_mask"]),
     Bug("resume_ignores_process_count", "a checkpoint of 2 processes resumes on 1 (other batches and noise)", T,
         '"center_crop", "random_flip", "world_size",', '"center_crop", "random_flip",',
@@ -166,8 +170,8 @@ BUGS = [
         "if global_step % args.logging_steps == 0:", "if True:",
         [BLIND, "-k", "logging_steps"]),
     Bug("export_half_ignored", "--export_half through the trainer writes float32", T,
-        "export_single_file.export_pipeline(args.output_dir, out, half=args.export_half)",
-        "export_single_file.export_pipeline(args.output_dir, out, half=False)",
+        "family.export(args.output_dir, out, args.use_lora, args.export_half)",
+        "family.export(args.output_dir, out, args.use_lora, False)",
         [BLIND, "-k", "export_half"]),
     Bug("validation_rng_not_restored", "validation leaves Paddle's RNG where its sampling left it", T,
         "            model.train(mode)\n        paddle.set_rng_state(rng)\n",
