@@ -1,12 +1,14 @@
 """Build a tiny, randomly initialised Stable Diffusion pipeline on disk.
 
     python tiny_sd.py OUT_DIR [--size tiny|small] [--prediction_type epsilon|v_prediction] [--family sd|sdxl]
+    python tiny_sd.py OUT_DIR --family sd3 [--without_t5]
 
 The result has the folder layout of a real SD 1.x model (unet, vae, text_encoder,
 tokenizer, scheduler), so `train_dreambooth.py --pretrained_model_name_or_path OUT_DIR`
 and `StableDiffusionPipeline.from_pretrained(OUT_DIR)` treat it exactly like
 CompVis/stable-diffusion-v1-4, only thousands of times smaller; --family sdxl writes the
-StableDiffusionXLPipeline layout (two text encoders, tokenizer_2, text_encoder_2) instead. The tests, the demo
+StableDiffusionXLPipeline layout (two text encoders, tokenizer_2, text_encoder_2) instead, --family sd3
+the StableDiffusion3Pipeline one (a transformer, two CLIPs and T5). The tests, the demo
 and the benchmark all build their models here, so the weights are fixed by the seed.
 """
 import argparse
@@ -215,6 +217,82 @@ def save_tiny_sdxl_pipeline(out_dir, size="tiny", seed=0, max_length=16):
     tmp.cleanup()
 
 
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion 3: an MMDiT transformer, two CLIPs with projections, T5, flow matching.
+
+SD3_SIZES = {
+    # Two CLIPs of different widths, so that mixing them up changes shapes; T5's width must hold
+    # both CLIPs' hidden states side by side (the pipeline pads them to it).
+    "tiny": dict(layers=2, heads=2, head_dim=8, clip_hidden=(32, 48), clip_layers=2, clip_heads=4,
+                 t5_width=96, t5_layers=2, t5_heads=4, vae_channels=(16, 32, 32, 32)),
+}
+
+
+def write_t5_sentencepiece(path):
+    """A SentencePiece unigram model whose pieces are WORDS (and their letters): T5's tokenizer format."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(WORDS)] + WORDS), model_writer=model, model_type="unigram",
+        vocab_size=64, hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1)  # T5's ids: <pad> 0, </s> 1, <unk> 2
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def save_tiny_sd3_pipeline(out_dir, size="tiny", seed=0, max_length=16, with_t5=True):
+    """A tiny StableDiffusion3Pipeline folder; with_t5=False saves it without T5 (text_encoder_3 and
+    tokenizer_3 null), as SD3 is also distributed."""
+    import tempfile
+
+    import paddle
+    from ppdiffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                             StableDiffusion3Pipeline)
+    from ppdiffusers.transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                                          T5EncoderModel, T5Tokenizer)
+
+    s = SD3_SIZES[size]
+    paddle.seed(seed)
+    tmp = tempfile.TemporaryDirectory()
+    vocab_size = write_tokenizer_files(tmp.name)
+    clip_tokenizer = CLIPTokenizer(vocab_file=os.path.join(tmp.name, "vocab.json"),
+                                   merges_file=os.path.join(tmp.name, "merges.txt"), model_max_length=max_length)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=s["clip_layers"],
+        num_attention_heads=s["clip_heads"], max_position_embeddings=max_length, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=hidden)) for hidden in s["clip_hidden"]]
+    t5, t5_tokenizer = None, None
+    if with_t5:
+        write_t5_sentencepiece(os.path.join(tmp.name, "spiece.model"))
+        t5_tokenizer = T5Tokenizer(sentencepiece_model_file=os.path.join(tmp.name, "spiece.model"), extra_ids=0,
+                                   model_max_length=max_length)
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=s["t5_width"], d_kv=s["t5_width"] // s["t5_heads"],
+            d_ff=2 * s["t5_width"], num_layers=s["t5_layers"], num_heads=s["t5_heads"], dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
+    inner = s["heads"] * s["head_dim"]
+    assert sum(s["clip_hidden"]) <= s["t5_width"]
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=s["layers"],
+        attention_head_dim=s["head_dim"], num_attention_heads=s["heads"], joint_attention_dim=s["t5_width"],
+        caption_projection_dim=inner, pooled_projection_dim=sum(s["clip_hidden"]), pos_embed_max_size=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=s["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]), latent_channels=4,
+        norm_num_groups=min(32, s["vae_channels"][0]), sample_size=64,
+        scaling_factor=1.5305, shift_factor=0.0609)  # SD3's own latent normalisation
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3 medium's shift
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clips[0], tokenizer=clip_tokenizer,
+        text_encoder_2=clips[1], tokenizer_2=clip_tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(out_dir)
+    tmp.cleanup()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
@@ -222,9 +300,15 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
                         help="SD 1.x/2.x only")
-    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd",
-                        help="sd: the SD 1.x layout; sdxl: StableDiffusionXLPipeline's (two text encoders)")
+    parser.add_argument("--family", choices=["sd", "sdxl", "sd3"], default="sd",
+                        help="sd: the SD 1.x layout; sdxl: StableDiffusionXLPipeline's (two text encoders); "
+                             "sd3: StableDiffusion3Pipeline's (transformer, two CLIPs, T5)")
+    parser.add_argument("--without_t5", action="store_true", help="sd3: save the pipeline without T5")
     args = parser.parse_args()
+    if args.family == "sd3":
+        save_tiny_sd3_pipeline(args.out_dir, seed=args.seed, with_t5=not args.without_t5)
+        print(f"tiny Stable Diffusion 3 pipeline written to {args.out_dir}")
+        return
     if args.family == "sdxl":
         save_tiny_sdxl_pipeline(args.out_dir, args.size, args.seed)
     else:
