@@ -59,3 +59,93 @@ def install_attention_fallback():
     F.scaled_dot_product_attention_ = plain_attention
     logger.info("No fused attention kernel in this Paddle build: SD3 uses the plain attention of family_sd3")
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+
+def checkpoint_transformer_blocks(transformer):
+    """Recompute each transformer block's activations in the backward pass instead of keeping them.
+
+    ppdiffusers 0.29's own branch (enable_gradient_checkpointing) assigns the block's output pair to
+    hidden_states and crashes, so the flag stays off there and each block's forward is wrapped here
+    instead: parameter names, and so saved weights, stay as they are. Only while training with
+    gradients on; sampling runs the blocks as they are."""
+    import paddle
+    from paddle.distributed.fleet.utils import recompute
+
+    for block in transformer.transformer_blocks:
+        def forward(hidden_states, encoder_hidden_states, temb, _forward=block.forward, _block=block):
+            if not (_block.training and paddle.is_grad_enabled()):
+                return _forward(hidden_states, encoder_hidden_states, temb)
+            if _block.context_pre_only:  # the last block returns no context, and recompute returns tensors only
+                return None, recompute(lambda h, e, t: _forward(h, e, t)[1], hidden_states, encoder_hidden_states,
+                                       temb, use_reentrant=False)
+            return recompute(_forward, hidden_states, encoder_hidden_states, temb, use_reentrant=False)
+        block.forward = forward
+    return transformer
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on the transformer, through ppdiffusers' own PEFT layers
+
+# The attention projections of the image and the text stream, as diffusers' SD3 LoRA script targets them.
+# All have the transformer's inner width as output, which load_lora_weights relies on (see lora_state_for_loading).
+TRANSFORMER_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+LORA_ADAPTER = "default"
+
+
+def install_parameter_dict_compat():
+    """ppdiffusers' PEFT layers call keys() on a paddle.nn.ParameterDict, which Paddle 3.3 lacks
+    (ppdiffusers patches in its own ParameterDict only where Paddle has none). Add the dict views
+    Paddle's class is missing, reading its own parameter table; a Paddle that has them keeps its own."""
+    import paddle.nn as nn
+
+    for name in ("keys", "items", "values"):
+        if not hasattr(nn.ParameterDict, name):
+            setattr(nn.ParameterDict, name, lambda self, _name=name: getattr(self._parameters, _name)())
+
+
+def add_transformer_lora(transformer, rank, alpha):
+    """Freeze the transformer and put ppdiffusers' PEFT LoRA layers (Gaussian down, zero up) on its
+    attention projections; returns the number of trainable parameters. Needs no USE_PEFT_BACKEND:
+    that variable gates ppdiffusers' loaders, not its layers."""
+    from ppdiffusers.peft import LoraConfig, inject_adapter_in_model
+
+    install_parameter_dict_compat()
+    for p in transformer.parameters():
+        p.stop_gradient = True
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TRANSFORMER_LORA_TARGETS)
+    inject_adapter_in_model(config, transformer, adapter_name=LORA_ADAPTER)
+    return sum(int(p.numel()) for p in transformer.parameters() if not p.stop_gradient)
+
+
+def lora_state_for_loading(transformer, rank, alpha):
+    """The transformer's LoRA weights keyed as StableDiffusion3Pipeline.load_lora_weights reads them
+    (save_lora_weights adds the "transformer." prefix). Its loader knows no alpha: it takes the rank
+    from axis 1 of each up weight, which in Paddle's [rank, out] layout is the output width, and sets
+    alpha to the most common of those widths. Every target's output is the inner width, so its scale
+    is 1, and alpha / rank is folded into the up weights here."""
+    from ppdiffusers.peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer, adapter_name=LORA_ADAPTER)
+    widths = {tuple(v.shape[1:]) for k, v in state.items() if ".lora_B." in k}
+    if len(widths) != 1:
+        raise ValueError(f"LoRA targets of different output widths {sorted(widths)}: load_lora_weights would scale them wrongly")
+    return {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in state.items()}
+
+
+def load_lora(pipe, folder):
+    """Load a --use_lora result of an SD3 run into a StableDiffusion3Pipeline of its base model, with
+    no environment variable: ppdiffusers' own load_lora_weights needs USE_PEFT_BACKEND=True set before
+    ppdiffusers is imported, and the Paddle compatibility this module installs.
+
+        from family_sd3 import load_lora
+        load_lora(StableDiffusion3Pipeline.from_pretrained(base), output_dir)
+    """
+    install_parameter_dict_compat()
+    state, _ = pipe.lora_state_dict(folder)
+    pipe.load_lora_into_transformer(state, transformer=pipe.transformer)
+    return pipe

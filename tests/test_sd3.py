@@ -43,3 +43,98 @@ def test_attention_fallback_installed_only_when_missing(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention_", kernel, raising=False)
     assert not family_sd3.install_attention_fallback()
     assert F.scaled_dot_product_attention_ is kernel
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny random SD3 pipeline folder, built once per test session."""
+    from tiny_sd import save_tiny_sd3_pipeline
+
+    import family_sd3
+
+    family_sd3.install_attention_fallback()
+    out = str(tmp_path_factory.mktemp("tiny_sd3"))
+    save_tiny_sd3_pipeline(out)
+    return out
+
+
+def transformer_gradients(model_dir, checkpointing, lora=False):
+    import paddle
+    from ppdiffusers import SD3Transformer2DModel
+
+    import family_sd3
+
+    transformer = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    transformer.train()
+    if lora:
+        paddle.seed(0)  # the same random down weights in both runs
+        family_sd3.add_transformer_lora(transformer, rank=2, alpha=2.0)
+        for name, p in transformer.named_parameters():  # non-zero up weights: every LoRA weight gets a gradient
+            if "lora_B" in name:
+                p.set_value(paddle.full(p.shape, 0.1))
+    if checkpointing:
+        family_sd3.checkpoint_transformer_blocks(transformer)
+    calls = []  # attention runs per block: twice with recomputation
+    for block in transformer.transformer_blocks:
+        block.attn.processor = counted(block.attn.processor, calls)
+    rng = np.random.default_rng(0)
+    inputs = dict(hidden_states=rng.standard_normal((2, 4, 8, 8)), encoder_hidden_states=rng.standard_normal((2, 5, 96)),
+                  pooled_projections=rng.standard_normal((2, 80)), timestep=np.array([100.0, 900.0]))
+    out = transformer(**{k: paddle.to_tensor(v, dtype="float32") for k, v in inputs.items()}).sample
+    (out ** 2).mean().backward()
+    return {n: p.grad.numpy() for n, p in transformer.named_parameters() if not p.stop_gradient}, len(calls)
+
+
+def counted(fn, calls):
+    def call(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd3, lora):
+    plain, plain_calls = transformer_gradients(tiny_sd3, checkpointing=False, lora=lora)
+    checkpointed, checkpointed_calls = transformer_gradients(tiny_sd3, checkpointing=True, lora=lora)
+    assert (plain_calls, checkpointed_calls) == (2, 4)  # two blocks, recomputed in the backward pass
+    assert plain.keys() == checkpointed.keys() and plain
+    # The last block's context queries feed an output it drops: no gradient there.
+    assert all(np.abs(g).sum() > 0 for n, g in plain.items() if "1.attn.add_q_proj" not in n)
+    for name in plain:
+        np.testing.assert_allclose(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_lora_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, monkeypatch):
+    """Transformer LoRA saved as the trainer saves it loads into a fresh pipeline, with ppdiffusers'
+    load_lora_weights (USE_PEFT_BACKEND on, as the variable sets it) and with family_sd3.load_lora
+    (no variable), and both give the trained transformer's output exactly."""
+    import paddle
+    import ppdiffusers.loaders.lora
+    from ppdiffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    import family_sd3
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    assert family_sd3.add_transformer_lora(transformer, rank=2, alpha=6.0) > 0
+    paddle.seed(1)
+    for name, p in transformer.named_parameters():  # as if trained: the up weights start at zero
+        if "lora_B" in name:
+            p.set_value(paddle.randn(p.shape) * 0.1)
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(tmp_path), transformer_lora_layers=family_sd3.lora_state_for_loading(transformer, rank=2, alpha=6.0))
+    rng = np.random.default_rng(0)
+    x = [paddle.to_tensor(rng.standard_normal(s), dtype="float32") for s in ((1, 4, 8, 8), (1, 5, 96), (1, 80))]
+    t = paddle.to_tensor([500.0])
+    transformer.eval()
+    want = transformer(*x, timestep=t).sample.numpy()
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    base = pipe.transformer(*x, timestep=t).sample.numpy()
+    assert np.abs(base - want).max() > 1e-3  # the LoRA changes the output
+    family_sd3.load_lora(pipe, str(tmp_path))
+    np.testing.assert_allclose(pipe.transformer(*x, timestep=t).sample.numpy(), want, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(ppdiffusers.loaders.lora, "USE_PEFT_BACKEND", True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.load_lora_weights(str(tmp_path))
+    np.testing.assert_allclose(pipe.transformer(*x, timestep=t).sample.numpy(), want, rtol=1e-5, atol=1e-6)
