@@ -149,3 +149,105 @@ def load_lora(pipe, folder):
     state, _ = pipe.lora_state_dict(folder)
     pipe.load_lora_into_transformer(state, transformer=pipe.transformer)
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching
+
+
+def training_schedule(scheduler):
+    """(timesteps, sigmas) of the scheduler's training schedule as float64 NumPy arrays, highest noise
+    first: FlowMatchEulerDiscreteScheduler builds them at construction with its `shift`
+    (sigma = shift s / (1 + (shift - 1) s) on an even grid s), before any set_timesteps."""
+    timesteps = np.asarray(scheduler.timesteps.numpy(), dtype=np.float64)
+    sigmas = np.asarray(scheduler.sigmas.numpy(), dtype=np.float64)[:len(timesteps)]
+    return timesteps, sigmas
+
+
+def draw_timestep_index(seed, key, scheme, num_train_timesteps, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    """Index into the training schedule for one sample, from its own random stream keyed like its noise
+    (so batch size, accumulation, processes and resuming don't change it). The density of u in [0, 1]
+    is the one diffusers names `scheme`: logit_normal (sigmoid of a normal), mode (the SD3 paper's mode
+    sampling with scale mode_scale), otherwise uniform; index = floor(u x num_train_timesteps)."""
+    rng = np.random.default_rng([seed, TIMESTEP_STREAM, *key])
+    if scheme == "logit_normal":
+        u = 1.0 / (1.0 + math.exp(-rng.normal(logit_mean, logit_std)))
+    elif scheme == "mode":
+        u = rng.random()
+        u = 1.0 - u - mode_scale * (math.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+    else:
+        u = rng.random()
+    # u can reach 1 (mode at u = 0, a sigmoid that rounds up): the last index, not one past it.
+    return min(max(int(u * num_train_timesteps), 0), num_train_timesteps - 1)
+
+
+def loss_weighting(scheme, sigmas):
+    """Per-sample loss weight for flow matching, as diffusers weights SD3: sigma_sqrt 1 / sigma^2,
+    cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2)), every other scheme 1 (its density does the weighting)."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if scheme == "sigma_sqrt":
+        return sigmas ** -2.0
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas ** 2))
+    return np.ones_like(sigmas)
+
+
+def normalize_latents(sample, vae_config):
+    """A VAE posterior sample in the transformer's latent space: SD3's VAE shifts, then scales."""
+    return (sample - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+
+
+def flow_matching_inputs(latents, noise, sigmas):
+    """(noisy, target) of rectified flow: the straight line from the data (sigma 0) to the noise
+    (sigma 1), and its velocity. sigmas: one per sample, a Paddle tensor [batch]."""
+    s = sigmas.reshape([-1, 1, 1, 1]).astype(latents.dtype)
+    return (1.0 - s) * latents + s * noise, noise - latents
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt encoding
+
+
+def tokenize(tokenizer, prompts, max_length):
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                     return_attention_mask=False)["input_ids"]
+
+
+def encode_clip(text_encoder, ids):
+    """(penultimate hidden states, pooled projection) of a CLIPTextModelWithProjection, as SD3 uses them."""
+    import paddle
+
+    out = text_encoder(paddle.to_tensor(ids), output_hidden_states=True)
+    return out.hidden_states[-2], out[0]
+
+
+def encode_t5(text_encoder_3, ids, batch, max_sequence_length, joint_attention_dim, dtype="float32"):
+    """T5's last hidden states; without T5 (not shipped, or --drop_t5) zeros of the same shape, as the
+    pipeline conditions a model loaded without it."""
+    import paddle
+
+    if text_encoder_3 is None:
+        return paddle.zeros([batch, max_sequence_length, joint_attention_dim], dtype=dtype)
+    return text_encoder_3(paddle.to_tensor(ids))[0]
+
+
+def join_embeddings(clip_states, pooled, t5_states):
+    """SD3's conditioning from its encoders' outputs, laid out as StableDiffusion3Pipeline.encode_prompt
+    lays it out: the two CLIPs' hidden states side by side, zero-padded to T5's width, then T5's tokens
+    after CLIP's; the pooled projections side by side."""
+    import paddle
+    import paddle.nn.functional as F
+
+    clip = paddle.concat(clip_states, axis=-1)
+    clip = F.pad(clip, [0, t5_states.shape[-1] - clip.shape[-1]], data_format="NCL")
+    return paddle.concat([clip, t5_states.astype(clip.dtype)], axis=-2), paddle.concat(pooled, axis=-1)
+
+
+def encode_prompts(prompts, tokenizers, text_encoders, max_sequence_length, joint_attention_dim):
+    """(prompt_embeds, pooled_projections) for a list of prompts. tokenizers, text_encoders: the
+    pipeline's three of each (the third None without T5). The CLIPs read the first tokenizer's length."""
+    clip_length = tokenizers[0].model_max_length
+    clips = [encode_clip(enc, tokenize(tok, prompts, clip_length)) for tok, enc in zip(tokenizers[:2], text_encoders[:2])]
+    t5_ids = tokenize(tokenizers[2], prompts, max_sequence_length) if text_encoders[2] is not None else None
+    t5 = encode_t5(text_encoders[2], t5_ids, len(prompts), max_sequence_length, joint_attention_dim)
+    return join_embeddings([c[0] for c in clips], [c[1] for c in clips], t5)

@@ -138,3 +138,81 @@ def test_lora_round_trip_through_load_lora_weights(tiny_sd3, tmp_path, monkeypat
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
     pipe.load_lora_weights(str(tmp_path))
     np.testing.assert_allclose(pipe.transformer(*x, timestep=t).sample.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_without_t5(tmp_path_factory, tiny_sd3):
+    from tiny_sd import save_tiny_sd3_pipeline
+
+    out = str(tmp_path_factory.mktemp("tiny_sd3_without_t5"))
+    save_tiny_sd3_pipeline(out, with_t5=False)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["t5", "drop_t5", "saved_without_t5"])
+def test_prompt_encoding_equals_the_pipeline(tiny_sd3, tiny_sd3_without_t5, variant):
+    """encode_prompts gives StableDiffusion3Pipeline.encode_prompt's embeddings, with T5, with T5 dropped,
+    and for a model saved without T5 (zeros in T5's place)."""
+    from ppdiffusers import StableDiffusion3Pipeline
+
+    import family_sd3
+
+    if variant == "saved_without_t5":
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_without_t5, text_encoder_3=None, tokenizer_3=None)
+    elif variant == "drop_t5":
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    # Prompts that fit: ppdiffusers 0.29's encode_prompt crashes on longer ones (its truncation warning
+    # compares the truncated and the untruncated ids).
+    prompts = ["a photo of sks dog", "a sks robot toy in the snow"]
+    want, _, want_pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+    got, got_pooled = family_sd3.encode_prompts(
+        prompts, [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+        [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], max_sequence_length=16, joint_attention_dim=96)
+    assert got.shape == want.shape == [2, 32, 96] and got_pooled.shape == want_pooled.shape == [2, 80]
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(got_pooled.numpy(), want_pooled.numpy())
+    t5_part = got.numpy()[:, 16:]
+    assert (np.abs(t5_part).sum() == 0) == (variant != "t5")
+
+
+def test_training_schedule_is_the_shifted_one(tiny_sd3):
+    from ppdiffusers import FlowMatchEulerDiscreteScheduler
+
+    import family_sd3
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3, subfolder="scheduler")
+    timesteps, sigmas = family_sd3.training_schedule(scheduler)
+    s = np.arange(1000, 0, -1) / 1000.0  # highest noise first
+    want = 3.0 * s / (1 + 2.0 * s)  # the tiny model's shift is 3, as SD3 medium's
+    np.testing.assert_allclose(sigmas, want, rtol=1e-6)
+    np.testing.assert_allclose(timesteps, want * 1000, rtol=1e-6)
+
+
+def mode_cdf_inverse(p, scale):
+    """The u with f(u) = p for the mode density's decreasing map f, by bisection."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        f = 1 - mid - scale * (np.cos(np.pi * mid / 2) ** 2 - 1 + mid)
+        lo, hi = (mid, hi) if f > p else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode"])
+def test_timestep_density(scheme):
+    """The share of samples in the low half of the index range is the density's: uniform 1/2,
+    logit-normal Phi(-mean / std), mode 1 - f^-1(1/2); and a sample's index depends only on its key."""
+    from statistics import NormalDist
+
+    import family_sd3
+
+    kwargs = dict(logit_mean=0.5, logit_std=1.3, mode_scale=1.29)
+    indices = np.array([family_sd3.draw_timestep_index(7, (0, i, 0), scheme, 1000, **kwargs) for i in range(4000)])
+    assert indices.min() >= 0 and indices.max() <= 999
+    low = (indices < 500).mean()
+    want = {"none": 0.5, "logit_normal": NormalDist().cdf(-0.5 / 1.3), "mode": 1 - mode_cdf_inverse(0.5, 1.29)}[scheme]
+    assert abs(low - want) < 0.025, (low, want)
+    assert family_sd3.draw_timestep_index(7, (0, 3, 0), scheme, 1000, **kwargs) == indices[3]
+    assert len(set(indices[:50])) > 40
