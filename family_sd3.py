@@ -12,8 +12,6 @@ import numpy as np
 
 logger = logging.getLogger("dreambooth")
 
-# Independent random stream of the per-sample flow-matching timestep (see draw_timestep_index).
-TIMESTEP_STREAM = 4
 WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
 
 
@@ -164,12 +162,11 @@ def training_schedule(scheduler):
     return timesteps, sigmas
 
 
-def draw_timestep_index(seed, key, scheme, num_train_timesteps, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
-    """Index into the training schedule for one sample, from its own random stream keyed like its noise
-    (so batch size, accumulation, processes and resuming don't change it). The density of u in [0, 1]
-    is the one diffusers names `scheme`: logit_normal (sigmoid of a normal), mode (the SD3 paper's mode
-    sampling with scale mode_scale), otherwise uniform; index = floor(u x num_train_timesteps)."""
-    rng = np.random.default_rng([seed, TIMESTEP_STREAM, *key])
+def draw_schedule_index(rng, scheme, num_train_timesteps, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    """Index into the training schedule for one sample, drawn from rng: the trainer passes the sample's
+    own keyed stream, so batch size, accumulation, processes and resuming don't change it. The density
+    of u in [0, 1] is the one diffusers names `scheme`: logit_normal (sigmoid of a normal), mode (the
+    SD3 paper's mode sampling with scale mode_scale), otherwise uniform; index = floor(u x steps)."""
     if scheme == "logit_normal":
         u = 1.0 / (1.0 + math.exp(-rng.normal(logit_mean, logit_std)))
     elif scheme == "mode":

@@ -203,16 +203,17 @@ def mode_cdf_inverse(p, scale):
 @pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode"])
 def test_timestep_density(scheme):
     """The share of samples in the low half of the index range is the density's: uniform 1/2,
-    logit-normal Phi(-mean / std), mode 1 - f^-1(1/2); and a sample's index depends only on its key."""
+    logit-normal Phi(-mean / std), mode 1 - f^-1(1/2); and a sample's index depends only on its stream."""
     from statistics import NormalDist
 
     import family_sd3
 
     kwargs = dict(logit_mean=0.5, logit_std=1.3, mode_scale=1.29)
-    indices = np.array([family_sd3.draw_timestep_index(7, (0, i, 0), scheme, 1000, **kwargs) for i in range(4000)])
+    draw = lambda i: family_sd3.draw_schedule_index(np.random.default_rng([7, i]), scheme, 1000, **kwargs)  # noqa: E731
+    indices = np.array([draw(i) for i in range(4000)])
     assert indices.min() >= 0 and indices.max() <= 999
     low = (indices < 500).mean()
     want = {"none": 0.5, "logit_normal": NormalDist().cdf(-0.5 / 1.3), "mode": 1 - mode_cdf_inverse(0.5, 1.29)}[scheme]
     assert abs(low - want) < 0.025, (low, want)
-    assert family_sd3.draw_timestep_index(7, (0, 3, 0), scheme, 1000, **kwargs) == indices[3]
+    assert draw(3) == indices[3]
     assert len(set(indices[:50])) > 40
