@@ -53,6 +53,22 @@ def efficient_attention_in_use(unet):
                for layer in unet.sublayers())
 
 
+def transformer_activation_elements(config, height, width, tokens, checkpointing=False, efficient_attention=False):
+    """Elements an SD3 (MMDiT) transformer keeps per sample for its backward pass (a rough count, see
+    docs/memory.md). Each joint block runs the image's patches and the prompt's tokens, S in all, at
+    width D: ~22 D S kept (two adaptive norms, q/k/v, attention output and projection, the 4x GELU
+    feed-forward, gates and residuals), plus the joint attention's scores and probabilities,
+    2 heads S^2 (none with memory-efficient attention). With gradient checkpointing each block keeps
+    only its two input streams, and one block's internals exist while it is recomputed."""
+    patch = config["patch_size"]
+    s = (height // patch) * (width // patch) + tokens
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    kept = 22 * d * s + (0 if efficient_attention else 2 * config["num_attention_heads"] * s * s)
+    if not checkpointing:
+        return config["num_layers"] * kept
+    return config["num_layers"] * d * s + kept
+
+
 def estimate(unet, text_encoders, vae, trained_params, text_trained_params, args, latent_hw, tokens):
     """Rows (label, bytes) and a closing note; `trained_params` counts the UNet's trained parameters
     (all of them, or the LoRA adapters), `text_trained_params` the text encoders' (0 when frozen)."""

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
@@ -50,6 +50,22 @@ def test_memory_estimate_matches_docs_for_sd1():
     assert round(gib(unet_activation_elements(sd1, 64, 64, 77)), 1) == 7.3
     assert round(gib(unet_activation_elements(sd1, 64, 64, 77, efficient_attention=True)), 1) == 2.0
     assert round(gib(unet_activation_elements(sd1, 64, 64, 77, checkpointing=True)), 1) == 1.3
+
+
+def test_memory_estimate_matches_docs_for_sd3():
+    """docs/memory.md's SD3 activation rows come from memory_estimate for SD3 medium at 1024 (128x128
+    latents, 77 CLIP + 77 T5 tokens)."""
+    from memory_estimate import transformer_activation_elements
+
+    sd3 = dict(patch_size=2, num_attention_heads=24, attention_head_dim=64, num_layers=24)
+    with open(os.path.join(ROOT, "docs", "memory.md"), encoding="utf-8") as f:
+        doc = f.read().split("## Stable Diffusion 3")[1]
+    for flags, row in [({}, "| plain attention (scores kept) |"), ({"efficient_attention": True}, "| memory-efficient attention |"),
+                       ({"checkpointing": True}, "| `--gradient_checkpointing`, plain attention |"),
+                       ({"checkpointing": True, "efficient_attention": True},
+                        "| `--gradient_checkpointing` + memory-efficient attention |")]:
+        gib = 4 * transformer_activation_elements(sd3, 128, 128, 154, **flags) / 2**30
+        assert f"{row} ~{gib:.1f} GiB | ~{gib / 2:.1f} GiB |" in doc, row
 
 
 def test_print_memory_estimate_logs_the_loaded_model(tiny_model, instance_dir, tmp_path, capsys):
