@@ -131,7 +131,8 @@ def lora_state_for_loading(transformer, rank, alpha):
     state = get_peft_model_state_dict(transformer, adapter_name=LORA_ADAPTER)
     widths = {tuple(v.shape[1:]) for k, v in state.items() if ".lora_B." in k}
     if len(widths) != 1:
-        raise ValueError(f"LoRA targets of different output widths {sorted(widths)}: load_lora_weights would scale them wrongly")
+        raise ValueError(f"LoRA targets of different output widths {sorted(widths)}: load_lora_weights would "
+                         "scale them wrongly")
     return {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in state.items()}
 
 
@@ -244,7 +245,8 @@ def encode_prompts(prompts, tokenizers, text_encoders, max_sequence_length, join
     """(prompt_embeds, pooled_projections) for a list of prompts. tokenizers, text_encoders: the
     pipeline's three of each (the third None without T5). The CLIPs read the first tokenizer's length."""
     clip_length = tokenizers[0].model_max_length
-    clips = [encode_clip(enc, tokenize(tok, prompts, clip_length)) for tok, enc in zip(tokenizers[:2], text_encoders[:2])]
+    clips = [encode_clip(encoder, tokenize(tokenizer, prompts, clip_length))
+             for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2])]
     t5_ids = tokenize(tokenizers[2], prompts, max_sequence_length) if text_encoders[2] is not None else None
     t5 = encode_t5(text_encoders[2], t5_ids, len(prompts), max_sequence_length, joint_attention_dim)
     return join_embeddings([c[0] for c in clips], [c[1] for c in clips], t5)

@@ -263,7 +263,8 @@ def save_tiny_sd3_pipeline(out_dir, size="tiny", seed=0, max_length=16, with_t5=
     clips = [CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=s["clip_layers"],
         num_attention_heads=s["clip_heads"], max_position_embeddings=max_length, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=hidden)) for hidden in s["clip_hidden"]]
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=hidden))
+        for hidden in s["clip_hidden"]]
     t5, t5_tokenizer = None, None
     if with_t5:
         write_t5_sentencepiece(os.path.join(tmp.name, "spiece.model"))

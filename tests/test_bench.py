@@ -60,10 +60,12 @@ def test_memory_estimate_matches_docs_for_sd3():
     sd3 = dict(patch_size=2, num_attention_heads=24, attention_head_dim=64, num_layers=24)
     with open(os.path.join(ROOT, "docs", "memory.md"), encoding="utf-8") as f:
         doc = f.read().split("## Stable Diffusion 3")[1]
-    for flags, row in [({}, "| plain attention (scores kept) |"), ({"efficient_attention": True}, "| memory-efficient attention |"),
-                       ({"checkpointing": True}, "| `--gradient_checkpointing`, plain attention |"),
-                       ({"checkpointing": True, "efficient_attention": True},
-                        "| `--gradient_checkpointing` + memory-efficient attention |")]:
+    rows = [({}, "| plain attention (scores kept) |"),
+            ({"efficient_attention": True}, "| memory-efficient attention |"),
+            ({"checkpointing": True}, "| `--gradient_checkpointing`, plain attention |"),
+            ({"checkpointing": True, "efficient_attention": True},
+             "| `--gradient_checkpointing` + memory-efficient attention |")]
+    for flags, row in rows:
         gib = 4 * transformer_activation_elements(sd3, 128, 128, 154, **flags) / 2**30
         assert f"{row} ~{gib:.1f} GiB | ~{gib / 2:.1f} GiB |" in doc, row
 

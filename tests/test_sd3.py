@@ -78,7 +78,8 @@ def transformer_gradients(model_dir, checkpointing, lora=False):
     for block in transformer.transformer_blocks:
         block.attn.processor = counted(block.attn.processor, calls)
     rng = np.random.default_rng(0)
-    inputs = dict(hidden_states=rng.standard_normal((2, 4, 8, 8)), encoder_hidden_states=rng.standard_normal((2, 5, 96)),
+    inputs = dict(hidden_states=rng.standard_normal((2, 4, 8, 8)),
+                  encoder_hidden_states=rng.standard_normal((2, 5, 96)),
                   pooled_projections=rng.standard_normal((2, 80)), timestep=np.array([100.0, 900.0]))
     out = transformer(**{k: paddle.to_tensor(v, dtype="float32") for k, v in inputs.items()}).sample
     (out ** 2).mean().backward()
