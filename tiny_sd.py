@@ -265,15 +265,6 @@ def save_tiny_sd3_pipeline(out_dir, size="tiny", seed=0, max_length=16, with_t5=
         num_attention_heads=s["clip_heads"], max_position_embeddings=max_length, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=hidden))
         for hidden in s["clip_hidden"]]
-    t5, t5_tokenizer = None, None
-    if with_t5:
-        write_t5_sentencepiece(os.path.join(tmp.name, "spiece.model"))
-        t5_tokenizer = T5Tokenizer(sentencepiece_model_file=os.path.join(tmp.name, "spiece.model"), extra_ids=0,
-                                   model_max_length=max_length)
-        t5 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), d_model=s["t5_width"], d_kv=s["t5_width"] // s["t5_heads"],
-            d_ff=2 * s["t5_width"], num_layers=s["t5_layers"], num_heads=s["t5_heads"], dropout_rate=0.0,
-            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
     inner = s["heads"] * s["head_dim"]
     assert sum(s["clip_hidden"]) <= s["t5_width"]
     transformer = SD3Transformer2DModel(
@@ -287,6 +278,16 @@ def save_tiny_sd3_pipeline(out_dir, size="tiny", seed=0, max_length=16, with_t5=
         norm_num_groups=min(32, s["vae_channels"][0]), sample_size=64,
         scaling_factor=1.5305, shift_factor=0.0609)  # SD3's own latent normalisation
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3 medium's shift
+    # T5 last: with and without it, every other weight is the same.
+    t5, t5_tokenizer = None, None
+    if with_t5:
+        write_t5_sentencepiece(os.path.join(tmp.name, "spiece.model"))
+        t5_tokenizer = T5Tokenizer(sentencepiece_model_file=os.path.join(tmp.name, "spiece.model"), extra_ids=0,
+                                   model_max_length=max_length)
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=s["t5_width"], d_kv=s["t5_width"] // s["t5_heads"],
+            d_ff=2 * s["t5_width"], num_layers=s["t5_layers"], num_heads=s["t5_heads"], dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clips[0], tokenizer=clip_tokenizer,
         text_encoder_2=clips[1], tokenizer_2=clip_tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
