@@ -69,13 +69,15 @@ def checkpoint_transformer_blocks(transformer):
     ppdiffusers 0.29's own branch (enable_gradient_checkpointing) assigns the block's output pair to
     hidden_states and crashes, so the flag stays off there and each block's forward is wrapped here
     instead: parameter names, and so saved weights, stay as they are. Only while training with
-    gradients on; sampling runs the blocks as they are."""
+    gradients on; sampling runs the blocks as they are. A block none of whose inputs needs a gradient
+    (the first one, under LoRA) runs as it is too: Paddle's recompute warns at every step there."""
     import paddle
     from paddle.distributed.fleet.utils import recompute
 
     for block in transformer.transformer_blocks:
         def forward(hidden_states, encoder_hidden_states, temb, _forward=block.forward, _block=block):
-            if not (_block.training and paddle.is_grad_enabled()):
+            inputs_need_grad = not all(x.stop_gradient for x in (hidden_states, encoder_hidden_states, temb))
+            if not (_block.training and paddle.is_grad_enabled() and inputs_need_grad):
                 return _forward(hidden_states, encoder_hidden_states, temb)
             if _block.context_pre_only:  # the last block returns no context, and recompute returns tensors only
                 return None, recompute(lambda h, e, t: _forward(h, e, t)[1], hidden_states, encoder_hidden_states,

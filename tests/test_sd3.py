@@ -97,7 +97,9 @@ def counted(fn, calls):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd3, lora):
     plain, plain_calls = transformer_gradients(tiny_sd3, checkpointing=False, lora=lora)
     checkpointed, checkpointed_calls = transformer_gradients(tiny_sd3, checkpointing=True, lora=lora)
-    assert (plain_calls, checkpointed_calls) == (2, 4)  # two blocks, recomputed in the backward pass
+    # Two blocks, recomputed in the backward pass; under LoRA the first block's inputs need no gradient,
+    # and it runs once.
+    assert (plain_calls, checkpointed_calls) == (2, 3 if lora else 4)
     assert plain.keys() == checkpointed.keys() and plain
     # The last block's context queries feed an output it drops: no gradient there.
     assert all(np.abs(g).sum() > 0 for n, g in plain.items() if "1.attn.add_q_proj" not in n)
