@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
+import families
 from families import Geometry
 
 logger = logging.getLogger("dreambooth")
@@ -86,7 +87,7 @@ def subject_latents(instances, vae, args, rng):
     latents = []
     for item in picked:
         mean, std = posteriors[id(item)]
-        latents.append((mean + std * rng.standard_normal(mean.shape, dtype=np.float32)) * vae.config.scaling_factor)
+        latents.append(families.vae_latents(mean + std * rng.standard_normal(mean.shape, dtype=np.float32), vae.config))
     geometry = [item.geometry(center_box(item.image, args.height, args.width), False) for item in picked]
     return np.stack(latents), [item.prompt for item in picked], geometry
 

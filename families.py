@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL, behind one seam.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and SD3, behind one seam.
 
 train_dreambooth.py's loop knows no family. `for_model(model)` reads `_class_name` from the model's
 model_index.json and returns one small object; the trainer, diagnostics and export talk only to it. A new
@@ -8,7 +8,9 @@ family subclasses SD (the reference), overrides what differs and is registered i
               text_encoder_names (pipeline component names, in pipeline order), trained_text_encoders
               (what --train_text_encoder trains), lora_projections (sub-layers of every Attention layer
               of the denoiser that get LoRA), vae_overflows_in_fp16 (keep the VAE fp32 under fp16).
-  check_args(args)                    refuse flags this family does not support (one line).
+  check_args(args)                    refuse flags this family does not support (one line); sets
+                                      args.class_sampler when not given. A subclass calls SD's, which
+                                      refuses SD3's flags, or replaces it whole (SD3).
   unreachable(name, text_encoder)     parameter prefixes the conditioning never reads (frozen, no LoRA).
   load(args, resume_from, reading_checkpoint) -> Parts
                                       tokenizers and text_encoders ({component name: object}), vae,
@@ -34,8 +36,14 @@ family subclasses SD (the reference), overrides what differs and is registered i
   save_lora_weights(folder, state)    the denoiser's LoRA, where the pipeline's load_lora_weights reads it
                                       (text-encoder LoRA: the trainer's own file, common.TEXT_ENCODER_LORA).
   export(folder, out, lora, half)    --export_single_file, from the saved result.
-The VAE's latents are (posterior sample) x vae.config.scaling_factor in the trainer (a family with a
-shift factor, as SD3's VAE has, is the place to extend that).
+  enable_gradient_checkpointing(denoiser)
+  add_denoiser_lora(denoiser, rank, alpha) -> trainable parameter count; denoiser_lora_state(denoiser,
+                                      rank, alpha) -> what save_lora_weights writes, alpha / rank folded in;
+                                      load_denoiser_lora(pipe, folder) (static: train_dreambooth.load_lora),
+                                      lora_loads_plainly (pipe.load_lora_weights reads it as it is).
+  absent_components()                 pipeline components the run goes without, as None (SD3 without T5).
+The VAE's latents are vae_latents(posterior sample, vae.config): shifted by shift_factor where the VAE
+has one (SD3's), then scaled by scaling_factor.
 """
 import contextlib
 import json
@@ -166,6 +174,30 @@ def min_snr_weight(snr, gamma, prediction_type):
     return snr.clip(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
+def vae_latents(sample, vae_config):
+    """A VAE posterior sample in the denoiser's latent space: shifted (SD3's VAE has a shift_factor),
+    then scaled by the VAE's scaling_factor."""
+    if vae_config.get("shift_factor") is not None:
+        sample = sample - vae_config.shift_factor
+    return sample * vae_config.scaling_factor
+
+
+def add_attention_lora(denoiser, projections, rank, alpha):
+    """Freeze the denoiser and give the named projections of every attention layer a ppdiffusers
+    LoRALinearLayer; returns the number of trainable parameters."""
+    from ppdiffusers.models.attention_processor import Attention
+    from ppdiffusers.models.lora import LoRALinearLayer
+
+    for p in denoiser.parameters():
+        p.stop_gradient = True
+    for layer in denoiser.sublayers():
+        if isinstance(layer, Attention):
+            for linear in (layer.get_sublayer(name) for name in projections):
+                fan_in, fan_out = linear.weight.shape  # Paddle stores Linear weights [in, out]
+                linear.set_lora_layer(LoRALinearLayer(fan_in, fan_out, rank=rank, network_alpha=alpha))
+    return sum(int(p.numel()) for p in denoiser.parameters() if not p.stop_gradient)
+
+
 class SD:
     """Stable Diffusion 1.x / 2.x: one CLIP (or BERT-like) text encoder, a UNet, DDPM training."""
     label = "Stable Diffusion 1.x/2.x"
@@ -178,6 +210,10 @@ class SD:
     vae_overflows_in_fp16 = False
     # load_sampling_pipeline's extra from_pretrained arguments: no safety checker for class images
     sampling_kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    class_sampler = "dpm_solver"  # --class_sampler's default
+    # Flags of flow-matching families only, with their defaults: another family refuses other values.
+    flow_matching_flags = dict(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                               max_sequence_length=None, drop_t5=False)
 
     def __init__(self, model):
         self.model = model
@@ -189,7 +225,14 @@ class SD:
         return getattr(ppdiffusers, self.pipeline_class_name)
 
     def check_args(self, args):
-        pass
+        self.check_flow_matching_flags(args)
+        args.class_sampler = args.class_sampler or self.class_sampler
+
+    def check_flow_matching_flags(self, args):
+        for flag, default in self.flow_matching_flags.items():
+            if getattr(args, flag) != default:
+                raise DreamBoothError(f"--{flag} applies to Stable Diffusion 3 only; this is a {self.label} model, "
+                                      "drop the flag")
 
     # --- loading
 
@@ -285,7 +328,35 @@ class SD:
     def denoise(self, denoiser, noisy, timesteps, cond, geometry):
         return denoiser(noisy, timesteps, cond["prompt_embeds"]).sample
 
+    def enable_gradient_checkpointing(self, denoiser):
+        denoiser.enable_gradient_checkpointing()
+
+    # --- LoRA
+
+    def add_denoiser_lora(self, denoiser, rank, alpha):
+        """Freeze the denoiser and put LoRA on lora_projections; returns the number of trainable parameters."""
+        return add_attention_lora(denoiser, self.lora_projections, rank, alpha)
+
+    def denoiser_lora_state(self, denoiser, rank, alpha):
+        """The denoiser's LoRA as the pipeline's load_lora_weights reads it (before the prefix
+        save_lora_weights adds). The loader knows no alpha: alpha / rank is folded into the up weights."""
+        from ppdiffusers.training_utils import unet_lora_state_dict
+
+        # save_lora_weights adds the "unet." prefix that unet_lora_state_dict already carries
+        return {k.removeprefix("unet."): v * (alpha / rank) if ".up." in k else v
+                for k, v in unet_lora_state_dict(denoiser).items()}
+
+    lora_loads_plainly = True  # the pipeline's own load_lora_weights reads the denoiser's LoRA as it is
+
+    @staticmethod
+    def load_denoiser_lora(pipe, folder):
+        pipe.load_lora_weights(folder)
+
     # --- pipelines
+
+    def absent_components(self):
+        """Pipeline components this run goes without, as None (from_pretrained would load them)."""
+        return {}
 
     def components(self, parts):
         """The pipeline components that are models or tokenizers, by name."""
@@ -303,8 +374,8 @@ class SD:
 
     def from_pretrained(self, vae=None, **kwargs):
         """The base pipeline (class images), with the VAE --pretrained_vae_model_name_or_path names."""
-        return self.pipeline_class.from_pretrained(self.model, **self.sampling_kwargs, **kwargs,
-                                                   **({"vae": vae} if vae is not None else {}))
+        return self.pipeline_class.from_pretrained(self.model, **self.sampling_kwargs, **self.absent_components(),
+                                                   **kwargs, **({"vae": vae} if vae is not None else {}))
 
     # --- saving
 
@@ -333,6 +404,7 @@ class SDXL(SD):
     sampling_kwargs = dict(add_watermarker=False)
 
     def check_args(self, args):
+        super().check_args(args)
         if args.tokenizer_name:
             raise DreamBoothError("--tokenizer_name: SDXL has two tokenizers, which come from the model folder; "
                                   "drop the flag")
@@ -367,4 +439,209 @@ class SDXL(SD):
         return self.pipeline_class(**self.components(parts), scheduler=scheduler, add_watermarker=False)
 
 
-FAMILIES = {cls.pipeline_class_name: cls for cls in (SD, SDXL)}
+class SD3(SD):
+    """Stable Diffusion 3: two CLIPs with projections and T5, an MMDiT transformer, trained by flow
+    matching. The math, and what ppdiffusers 0.29 needs repaired for it, are in family_sd3.py."""
+    label = "Stable Diffusion 3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    denoiser_name = "transformer"
+    tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    trained_text_encoders = ("text_encoder", "text_encoder_2")  # T5 stays frozen, as in diffusers
+    sampling_kwargs = {}
+    class_sampler = "model"  # flow matching samples with its own scheduler
+
+    def __init__(self, model):
+        super().__init__(model)
+        import family_sd3
+
+        family_sd3.install_attention_fallback()  # before any SD3 model runs
+        self.ships_t5 = (model_index(model).get("text_encoder_3") or [None])[0] is not None
+        self.use_t5 = self.ships_t5
+        self.weighting = dict(scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+        self.max_sequence_length = None
+        self.t5_cache = {}  # T5's output per token ids: T5 is never trained
+        self.schedule = None
+        self.joint_attention_dim = self.sequence_length = None
+
+    @property
+    def lora_projections(self):
+        import family_sd3
+
+        return family_sd3.TRANSFORMER_LORA_TARGETS
+
+    def check_args(self, args):
+        if args.class_sampler not in (None, "model"):
+            raise DreamBoothError(f"--class_sampler {args.class_sampler}: SD3 samples class images with its own "
+                                  "flow-matching scheduler; drop the flag")
+        args.class_sampler = "model"
+        for flag, why in [("tokenizer_name", "its three tokenizers come from the model folder"),
+                          ("export_single_file", "the output folder loads with StableDiffusion3Pipeline"),
+                          ("enable_xformers_memory_efficient_attention",
+                           "its attention uses ppdiffusers' memory-efficient kernel wherever Paddle has one")]:
+            if getattr(args, flag):
+                raise DreamBoothError(f"--{flag} is not supported for SD3 ({why}); drop the flag")
+        if args.snr_gamma is not None:
+            raise DreamBoothError("--snr_gamma weighs noise-prediction losses; SD3 is trained by flow matching: "
+                                  "weigh it with --weighting_scheme and drop --snr_gamma")
+        if args.max_sequence_length is not None and args.max_sequence_length <= 0:
+            raise DreamBoothError(f"--max_sequence_length must be a positive number, got {args.max_sequence_length}")
+        self.use_t5 = self.ships_t5 and not args.drop_t5
+        self.weighting = dict(scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                              mode_scale=args.mode_scale)
+        self.max_sequence_length = args.max_sequence_length
+
+    # --- loading
+
+    def load_tokenizers(self, args):
+        import ppdiffusers.transformers as transformers
+
+        index = model_index(self.model)
+        return {name: load_part(self.model, name, lambda: getattr(transformers, index[name][1]).from_pretrained(
+            self.model, subfolder=name)) for name in self.tokenizer_names[:3 if self.use_t5 else 2]}
+
+    def load(self, args, resume_from=None):
+        """Without T5 (--drop_t5, or a model saved without it) T5 is not loaded at all."""
+        from ppdiffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        import family_sd3
+
+        model = self.model
+        tokenizers = self.load_tokenizers(args)
+        text_encoders = {}
+        for name in self.text_encoder_names[:3 if self.use_t5 else 2]:
+            cls = load_text_encoder_class(model, name)
+            trained = (resume_from and args.train_text_encoder and not args.use_lora
+                       and name in self.trained_text_encoders)
+            source = resume_from if trained else model
+            text_encoders[name] = load_part(model, name, lambda: cls.from_pretrained(source, subfolder=name))
+        vae = load_vae(model, args.pretrained_vae_model_name_or_path)
+        source = resume_from if resume_from and not args.use_lora else model
+        transformer = load_part(model, "transformer",
+                                lambda: SD3Transformer2DModel.from_pretrained(source, subfolder="transformer"))
+        noise_scheduler = load_part(model, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+            model, subfolder="scheduler"))
+        # Kept apart: a pipeline built on this scheduler would replace its schedule by the sampling one.
+        self.schedule = family_sd3.training_schedule(noise_scheduler)
+        self.joint_attention_dim = transformer.config.joint_attention_dim
+        self.sequence_length = self.t5_length(tokenizers)
+        self.t5_cache = {}
+        return Parts(tokenizers, text_encoders, vae, transformer, noise_scheduler)
+
+    # --- prompts
+
+    def t5_length(self, tokenizers):
+        """--max_sequence_length, by default the CLIP tokenizer's length, which ppdiffusers' pipeline gives T5."""
+        return self.max_sequence_length or tokenizers["tokenizer"].model_max_length
+
+    def tokenize(self, tokenizers, prompt):
+        import family_sd3
+
+        clip_length = tokenizers["tokenizer"].model_max_length  # the pipeline's: both CLIPs read the first's
+        ids = tuple(family_sd3.tokenize(tokenizers[name], prompt, clip_length) for name in self.tokenizer_names[:2])
+        if self.use_t5:
+            ids += (family_sd3.tokenize(tokenizers["tokenizer_3"], prompt, self.t5_length(tokenizers)),)
+        return ids
+
+    def max_tokens(self, tokenizers):
+        return tokenizers["tokenizer"].model_max_length + self.t5_length(tokenizers)
+
+    def encode(self, text_encoders, ids):
+        """prompt_embeds (both CLIPs' penultimate hidden states side by side, zero-padded to T5's width,
+        then T5's tokens) and pooled_prompt_embeds (both pooled projections), as
+        StableDiffusion3Pipeline.encode_prompt lays them out."""
+        import paddle
+
+        import family_sd3
+
+        clips = [family_sd3.encode_clip(text_encoders[name], [row[i] for row in ids])
+                 for i, name in enumerate(self.text_encoder_names[:2])]
+        t5 = text_encoders.get("text_encoder_3")
+        if t5 is None:
+            t5_states = family_sd3.encode_t5(None, None, len(ids), self.sequence_length, self.joint_attention_dim)
+        else:
+            with paddle.no_grad():
+                for row in ids:
+                    key = tuple(row[2])
+                    if key not in self.t5_cache:
+                        self.t5_cache[key] = family_sd3.encode_t5(t5, [row[2]], 1, None, None)
+            t5_states = paddle.concat([self.t5_cache[tuple(row[2])] for row in ids])
+        prompt_embeds, pooled = family_sd3.join_embeddings([c[0] for c in clips], [c[1] for c in clips], t5_states)
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    # --- the noise step and the denoiser
+
+    def draw_time(self, rng, noise_scheduler):
+        """An index into the training schedule, drawn with --weighting_scheme's density."""
+        import family_sd3
+
+        return family_sd3.draw_schedule_index(rng, num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+                                              **self.weighting)
+
+    def noise_step(self, noise_scheduler, latents, noise, times, snr_gamma=None):
+        """Rectified flow: noisy = (1 - sigma) latents + sigma noise, target = noise - latents, with sigma
+        from the scheduler's shifted training schedule at each sample's index; the loss weight of
+        --weighting_scheme (None where it is 1)."""
+        import paddle
+
+        import family_sd3
+
+        timesteps, sigmas = self.schedule if self.schedule is not None else \
+            family_sd3.training_schedule(noise_scheduler)
+        index = np.asarray(times, dtype=np.int64)
+        sigma = paddle.to_tensor(sigmas[index], dtype="float32")
+        noisy, target = family_sd3.flow_matching_inputs(latents, noise, sigma)
+        weight = family_sd3.loss_weighting(self.weighting["scheme"], sigmas[index])
+        weight = None if np.all(weight == 1.0) else paddle.to_tensor(weight, dtype="float32")
+        return noisy, paddle.to_tensor(timesteps[index], dtype="float32"), target, weight
+
+    def denoise(self, denoiser, noisy, timesteps, cond, geometry):
+        return denoiser(hidden_states=noisy, encoder_hidden_states=cond["prompt_embeds"],
+                        pooled_projections=cond["pooled_prompt_embeds"], timestep=timesteps).sample
+
+    def enable_gradient_checkpointing(self, denoiser):
+        import family_sd3
+
+        family_sd3.checkpoint_transformer_blocks(denoiser)
+
+    # --- LoRA
+
+    def add_denoiser_lora(self, denoiser, rank, alpha):
+        import family_sd3
+
+        return family_sd3.add_transformer_lora(denoiser, rank, alpha)
+
+    def denoiser_lora_state(self, denoiser, rank, alpha):
+        import family_sd3
+
+        return family_sd3.lora_state_for_loading(denoiser, rank, alpha)
+
+    lora_loads_plainly = False  # ppdiffusers' loader needs USE_PEFT_BACKEND=True (see family_sd3.load_lora)
+
+    @staticmethod
+    def load_denoiser_lora(pipe, folder):
+        import family_sd3
+
+        family_sd3.load_lora(pipe, folder)
+
+    def save_lora_weights(self, folder, denoiser_state):
+        self.pipeline_class.save_lora_weights(folder, transformer_lora_layers=denoiser_state)
+
+    # --- pipelines
+
+    def absent_components(self):
+        return {} if self.use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+
+    def components(self, parts):
+        return {**self.absent_components(), **super().components(parts)}
+
+    def pipeline(self, parts, scheduler):
+        return self.pipeline_class(**self.components(parts), scheduler=scheduler)
+
+    def sampling_scheduler(self, noise_scheduler):
+        from ppdiffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+
+FAMILIES = {cls.pipeline_class_name: cls for cls in (SD, SDXL, SD3)}

@@ -79,22 +79,34 @@ def estimate(unet, text_encoders, vae, trained_params, text_trained_params, args
     frozen = n_vae + (n_text - text_trained_params)  # cast to half under mixed precision on a GPU
     unet_base = n_unet - trained_params  # LoRA's frozen UNet stays fp32 in this trainer
     act_bytes = 2 if half else 4
-    acts = unet_activation_elements(dict(unet.config), latent_hw[0], latent_hw[1], tokens,
-                                    args.gradient_checkpointing, efficient_attention_in_use(unet))
+    config = dict(unet.config)
+    if "patch_size" in config:  # a transformer (SD3); its attention is memory-efficient where a kernel exists
+        import paddle.nn.functional as F
+
+        import family_sd3
+
+        kernel = getattr(F, "scaled_dot_product_attention_", None) not in (None, family_sd3.plain_attention)
+        kind = "transformer"
+        acts = transformer_activation_elements(config, latent_hw[0], latent_hw[1], tokens,
+                                               args.gradient_checkpointing, kernel)
+    else:
+        kind = "UNet"
+        acts = unet_activation_elements(config, latent_hw[0], latent_hw[1], tokens, args.gradient_checkpointing,
+                                        efficient_attention_in_use(unet))
     batch = args.train_batch_size * (2 if args.with_prior_preservation else 1)
-    what = ("UNet LoRA adapters" if args.use_lora else "UNet") + (" + text encoder" if text_trained_params else "")
+    what = (f"{kind} LoRA adapters" if args.use_lora else kind) + (" + text encoder" if text_trained_params else "")
     rows = [
         (f"trained weights, fp32 ({what}: {trained / 1e6:.4g} M parameters)", 4 * trained),
         (f"frozen weights, {'half' if half else 'fp32'} ({frozen / 1e6:.4g} M: VAE"
          f"{'' if text_trained_params else ' + text encoder'})", (2 if half else 4) * frozen),
-        (f"frozen UNet base under LoRA, fp32 ({unet_base / 1e6:.4g} M)", 4 * unet_base),
+        (f"frozen {kind} base under LoRA, fp32 ({unet_base / 1e6:.4g} M)", 4 * unet_base),
         ("gradients, fp32", 4 * trained),
         ("AdamW states, 2 x fp32", 8 * trained),
-        (f"UNet activations, batch {batch}{', checkpointed' if args.gradient_checkpointing else ''} (rough)",
+        (f"{kind} activations, batch {batch}{', checkpointed' if args.gradient_checkpointing else ''} (rough)",
          act_bytes * batch * acts),
     ]
     note = ("estimate: weights, gradients and optimizer states are exact counts; activations are a rough count "
-            "of the UNet's (text-encoder and VAE activations, CUDA context and allocator overhead are excluded)")
+            f"of the {kind}'s (text-encoder and VAE activations, CUDA context and allocator overhead are excluded)")
     return [(label, size) for label, size in rows if size or "LoRA" not in label], note
 
 

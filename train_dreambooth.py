@@ -54,7 +54,8 @@ RESUME_INVARIANT_ARGS = [
     "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "seed", "height", "width",
     "with_prior_preservation", "train_text_encoder", "center_crop", "random_flip", "world_size",
     "instance_prompt", "class_prompt", "num_class_images", "learning_rate", "lr_scheduler", "use_lora", "lora_rank",
-    "lora_alpha", "pretrained_vae_model_name_or_path",
+    "lora_alpha", "pretrained_vae_model_name_or_path", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "max_sequence_length", "drop_t5",
 ]
 
 
@@ -96,8 +97,9 @@ def build_parser():
     g.add_argument("--num_class_images", type=int, default=100,
                    help="Class images wanted; missing ones are generated with the base model.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
-    g.add_argument("--class_sampler", default="dpm_solver", choices=sorted(CLASS_SAMPLERS),
-                   help="Scheduler that generates class images (the model's own: 'model').")
+    g.add_argument("--class_sampler", default=None, choices=sorted(CLASS_SAMPLERS),
+                   help="Scheduler that generates class images (the model's own: 'model'; default: dpm_solver, "
+                        "for SD3 its own).")
     g.add_argument("--class_inference_steps", type=int, default=25, help="Sampling steps per class image.")
     g.add_argument("--concepts_list", default=None,
                    help="JSON list of {instance_prompt, instance_data_dir, class_prompt, class_data_dir} to train "
@@ -154,6 +156,21 @@ def build_parser():
                    help="Paddle AMP for the forward pass; trained weights stay fp32, frozen models are cast.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Memory-efficient attention (needs a GPU build of Paddle that supports it).")
+
+    g = p.add_argument_group("Stable Diffusion 3 (flow matching)")
+    g.add_argument("--weighting_scheme", default="none",
+                   choices=["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"],
+                   help="Timestep density (logit_normal, mode) or loss weighting (cosmap, sigma_sqrt); none: uniform.")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of --weighting_scheme logit_normal.")
+    g.add_argument("--logit_std", type=float, default=1.0,
+                   help="Standard deviation of --weighting_scheme logit_normal.")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of --weighting_scheme mode.")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5 prompt tokens (default: the CLIP tokenizer's length, 77, which ppdiffusers' pipeline "
+                        "gives T5).")
+    g.add_argument("--drop_t5", action="store_true",
+                   help="Train without T5: zero embeddings in its place, as the pipeline without T5; T5 is not "
+                        "loaded, and a full fine-tune is saved without it.")
 
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", action="append", default=None,
@@ -531,20 +548,9 @@ def enable_memory_efficient_attention(unet):
 
 
 def add_lora_adapters(unet, args, projections=families.SD.lora_projections):
-    """Freeze the denoiser and give the named projections of every attention layer a ppdiffusers
+    """Freeze the UNet and give the named projections of every attention layer a ppdiffusers
     LoRALinearLayer; returns the number of trainable parameters."""
-    from ppdiffusers.models.attention_processor import Attention
-    from ppdiffusers.models.lora import LoRALinearLayer
-
-    for p in unet.parameters():
-        p.stop_gradient = True
-    for layer in unet.sublayers():
-        if isinstance(layer, Attention):
-            for linear in (layer.get_sublayer(name) for name in projections):
-                fan_in, fan_out = linear.weight.shape  # Paddle stores Linear weights [in, out]
-                linear.set_lora_layer(LoRALinearLayer(fan_in, fan_out, rank=args.lora_rank,
-                                                      network_alpha=args.lora_alpha))
-    return sum(int(p.numel()) for p in unet.parameters() if not p.stop_gradient)
+    return families.add_attention_lora(unet, projections, args.lora_rank, args.lora_alpha)
 
 
 def add_text_encoder_lora(text_encoder, rank, alpha, skip=()):
@@ -568,22 +574,14 @@ def add_text_encoder_lora(text_encoder, rank, alpha, skip=()):
     return sum(int(p.numel()) for p in text_encoder.parameters() if not p.stop_gradient)
 
 
-def lora_state_for_loading(unet, text_encoders, args):
-    """(UNet, text-encoder) LoRA weights as the loaders read them: their loaders know no alpha, so
+def lora_state_for_loading(family, denoiser, text_encoders, args):
+    """(denoiser, text-encoder) LoRA weights as the loaders read them: their loaders know no alpha, so
     the scale alpha / rank is folded into the up projections. The text encoders' ("<component>.<key>")
     is empty unless trained."""
-    from ppdiffusers.training_utils import unet_lora_state_dict
-
     scale = args.lora_alpha / args.lora_rank
-
-    def folded(state):
-        return {k: v * scale if ".up." in k else v for k, v in state.items()}
-
-    # save_lora_weights adds the "unet." prefix that unet_lora_state_dict already carries
-    unet_state = {k.removeprefix("unet."): v for k, v in unet_lora_state_dict(unet).items()}
-    text_state = {f"{name}.{k}": v for name, encoder in text_encoders.items()
+    text_state = {f"{name}.{k}": v * scale if ".up." in k else v for name, encoder in text_encoders.items()
                   for k, v in encoder.state_dict().items() if ".lora_linear_layer." in k}
-    return folded(unet_state), folded(text_state)
+    return family.denoiser_lora_state(denoiser, args.lora_rank, args.lora_alpha), text_state
 
 
 def lora_training_state(models):
@@ -593,8 +591,9 @@ def lora_training_state(models):
 
 
 def load_lora(pipe, folder):
-    """Load a --use_lora result into a pipeline of its base model: the UNet LoRA through ppdiffusers'
-    load_lora_weights, the text encoders' LoRA (if trained) into ppdiffusers' PatchedLoraProjection layers.
+    """Load a --use_lora result into a pipeline of its base model: the denoiser's LoRA as its family
+    loads it (ppdiffusers' load_lora_weights; for SD3 without the environment variable that needs), the
+    text encoders' LoRA (if trained) into ppdiffusers' PatchedLoraProjection layers.
 
         from train_dreambooth import load_lora
         load_lora(StableDiffusionPipeline.from_pretrained(base), output_dir)
@@ -602,7 +601,7 @@ def load_lora(pipe, folder):
     import paddle
     from safetensors.numpy import load_file
 
-    pipe.load_lora_weights(folder)
+    families.FAMILIES[type(pipe).__name__].load_denoiser_lora(pipe, folder)
     path = os.path.join(folder, TEXT_ENCODER_LORA)
     if not os.path.isfile(path):
         return pipe
@@ -1280,11 +1279,11 @@ def save_pipeline(args, family, models, tokenizers, folder):
     from ppdiffusers.training_utils import unwrap_model
 
     models = {name: unwrap_model(model) for name, model in models.items()}
-    text_encoders = {name: models[name] for name in family.text_encoder_names}
+    text_encoders = {name: models[name] for name in family.text_encoder_names if name in models}
     if args.use_lora:
         from safetensors.numpy import save_file
 
-        unet_state, text_state = lora_state_for_loading(models[family.denoiser_name], text_encoders, args)
+        unet_state, text_state = lora_state_for_loading(family, models[family.denoiser_name], text_encoders, args)
         family.save_lora_weights(folder, unet_state)
         if text_state:  # Paddle orientation, as ppdiffusers marks its own files
             save_file({k: v.numpy() for k, v in text_state.items()}, os.path.join(folder, TEXT_ENCODER_LORA),
@@ -1295,6 +1294,7 @@ def save_pipeline(args, family, models, tokenizers, folder):
     with on_host():
         vae = {"vae": families.load_vae(args.pretrained_model_name_or_path, vae_path)} if vae_path else {}
         pipe = family.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, **tokenizers, **vae,
+                                                     **family.absent_components(),
                                                      **{name: models[name] for name in trained})
     pipe.save_pretrained(folder)
 
@@ -1437,8 +1437,8 @@ def save_final(args, family, models, tokenizers):
                 commit_dir(src, dst, args.run_id) if os.path.isdir(src) else os.replace(src, dst)
             os.rmdir(tmp)
     if args.use_lora:
-        how = "load_lora(pipe, output_dir) from train_dreambooth" if args.train_text_encoder else \
-            "pipe.load_lora_weights(output_dir)"
+        how = "pipe.load_lora_weights(output_dir)" if family.lora_loads_plainly and not args.train_text_encoder \
+            else "load_lora(pipe, output_dir) from train_dreambooth"
         logger.info("Saved the LoRA weights to %s; load them onto the base model with %s", args.output_dir, how)
     else:
         logger.info("Saved the trained pipeline to %s", args.output_dir)
@@ -1662,8 +1662,7 @@ def train(args, mkl_code_path):
             os.makedirs(args.output_dir, exist_ok=True)
     if world_size > 1:
         check_shared_output_dir(args.output_dir, world_size, rank)
-    args.prediction_type = noise_scheduler.config.prediction_type
-    vae_scale = vae.config.scaling_factor
+    args.prediction_type = noise_scheduler.config.get("prediction_type")  # None: flow matching
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_shape = (vae.config.latent_channels, args.height // vae_factor, args.width // vae_factor)
     vae.eval()
@@ -1678,7 +1677,7 @@ def train(args, mkl_code_path):
     denoiser.train()
     models = {family.denoiser_name: denoiser, **text_encoders}  # unwrapped, whatever wraps them later
     if args.use_lora:
-        counts = {family.denoiser_name: add_lora_adapters(denoiser, args, family.lora_projections)}
+        counts = {family.denoiser_name: family.add_denoiser_lora(denoiser, args.lora_rank, args.lora_alpha)}
         for name in trained_text:
             counts[name] = add_text_encoder_lora(text_encoders[name], args.lora_rank, args.lora_alpha,
                                                  skip=family.unreachable(name, text_encoders[name]))
@@ -1703,7 +1702,7 @@ def train(args, mkl_code_path):
     if args.enable_xformers_memory_efficient_attention:
         enable_memory_efficient_attention(denoiser)
     if args.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+        family.enable_gradient_checkpointing(denoiser)
         for name in trained_text:
             text_encoders[name].gradient_checkpointing_enable()
     if args.print_memory_estimate and rank == 0:
@@ -1819,7 +1818,7 @@ def train(args, mkl_code_path):
             with paddle.no_grad(), vae_autocast():
                 posterior = vae.encode(paddle.to_tensor(np.stack(batch["pixels"]), dtype=vae.dtype)).latent_dist
             mean, std = posterior.mean.astype("float32"), posterior.std.astype("float32")
-        latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"]))) * vae_scale
+        latents = families.vae_latents(mean + std * paddle.to_tensor(np.stack(batch["eps"])), vae.config)
         noise = paddle.to_tensor(np.stack(batch["noise"]))
         prompts = [item.prompt for item in batch["items"]]
         if trained_text:
