@@ -747,6 +747,7 @@ def load_sampling_pipeline(args, dtype):
     import ppdiffusers
 
     family = families.for_model(args.pretrained_model_name_or_path)
+    family.check_args(args)  # the run's choices: the sampler, SD3 without T5
     vae = families.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path) \
         if args.pretrained_vae_model_name_or_path else None
     if vae is not None and dtype:
