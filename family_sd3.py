@@ -192,11 +192,6 @@ def loss_weighting(scheme, sigmas):
     return np.ones_like(sigmas)
 
 
-def normalize_latents(sample, vae_config):
-    """A VAE posterior sample in the transformer's latent space: SD3's VAE shifts, then scales."""
-    return (sample - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
-
-
 def flow_matching_inputs(latents, noise, sigmas):
     """(noisy, target) of rectified flow: the straight line from the data (sigma 0) to the noise
     (sigma 1), and its velocity. sigmas: one per sample, a Paddle tensor [batch]."""
@@ -241,14 +236,3 @@ def join_embeddings(clip_states, pooled, t5_states):
     clip = paddle.concat(clip_states, axis=-1)
     clip = F.pad(clip, [0, t5_states.shape[-1] - clip.shape[-1]], data_format="NCL")
     return paddle.concat([clip, t5_states.astype(clip.dtype)], axis=-2), paddle.concat(pooled, axis=-1)
-
-
-def encode_prompts(prompts, tokenizers, text_encoders, max_sequence_length, joint_attention_dim):
-    """(prompt_embeds, pooled_projections) for a list of prompts. tokenizers, text_encoders: the
-    pipeline's three of each (the third None without T5). The CLIPs read the first tokenizer's length."""
-    clip_length = tokenizers[0].model_max_length
-    clips = [encode_clip(encoder, tokenize(tokenizer, prompts, clip_length))
-             for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2])]
-    t5_ids = tokenize(tokenizers[2], prompts, max_sequence_length) if text_encoders[2] is not None else None
-    t5 = encode_t5(text_encoders[2], t5_ids, len(prompts), max_sequence_length, joint_attention_dim)
-    return join_embeddings([c[0] for c in clips], [c[1] for c in clips], t5)

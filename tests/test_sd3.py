@@ -157,25 +157,30 @@ def tiny_sd3_without_t5(tmp_path_factory, tiny_sd3):
 
 @pytest.mark.parametrize("variant", ["t5", "drop_t5", "saved_without_t5"])
 def test_prompt_encoding_equals_the_pipeline(tiny_sd3, tiny_sd3_without_t5, variant):
-    """encode_prompts gives StableDiffusion3Pipeline.encode_prompt's embeddings, with T5, with T5 dropped,
-    and for a model saved without T5 (zeros in T5's place)."""
+    """The trainer's SD3 conditioning (the family's tokenize and encode, frozen encoders as loaded for
+    training) is StableDiffusion3Pipeline.encode_prompt's, with T5, with --drop_t5, and for a model
+    saved without T5 (zeros in T5's place)."""
     from ppdiffusers import StableDiffusion3Pipeline
 
-    import family_sd3
+    import families
+    import train_dreambooth
 
-    if variant == "saved_without_t5":
-        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_without_t5, text_encoder_3=None, tokenizer_3=None)
-    elif variant == "drop_t5":
-        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
-    else:
-        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    model = tiny_sd3_without_t5 if variant == "saved_without_t5" else tiny_sd3
+    without_t5 = {} if variant == "t5" else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, **without_t5)
     # Prompts that fit: ppdiffusers 0.29's encode_prompt crashes on longer ones (its truncation warning
     # compares the truncated and the untruncated ids).
     prompts = ["a photo of sks dog", "a sks robot toy in the snow"]
     want, _, want_pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
-    got, got_pooled = family_sd3.encode_prompts(
-        prompts, [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-        [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], max_sequence_length=16, joint_attention_dim=96)
+
+    args = train_dreambooth.parse_args(["--pretrained_model_name_or_path", model, "--instance_data_dir", "x",
+                                        "--instance_prompt", "x"] + (["--drop_t5"] if variant == "drop_t5" else []))
+    family = families.for_model(model)
+    family.check_args(args)
+    parts = family.load(args)
+    assert ("text_encoder_3" in parts.text_encoders) == (variant == "t5")  # a dropped T5 is not even loaded
+    cond = family.encode(parts.text_encoders, [family.tokenize(parts.tokenizers, p) for p in prompts])
+    got, got_pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
     assert got.shape == want.shape == [2, 32, 96] and got_pooled.shape == want_pooled.shape == [2, 80]
     np.testing.assert_array_equal(got.numpy(), want.numpy())
     np.testing.assert_array_equal(got_pooled.numpy(), want_pooled.numpy())
