@@ -182,8 +182,10 @@ def test_prompt_encoding_equals_the_pipeline(tiny_sd3, tiny_sd3_without_t5, vari
     cond = family.encode(parts.text_encoders, [family.tokenize(parts.tokenizers, p) for p in prompts])
     got, got_pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
     assert got.shape == want.shape == [2, 32, 96] and got_pooled.shape == want_pooled.shape == [2, 80]
-    np.testing.assert_array_equal(got.numpy(), want.numpy())
-    np.testing.assert_array_equal(got_pooled.numpy(), want_pooled.numpy())
+    # T5 runs per prompt here (its outputs are cached), in a batch of two in the pipeline: equal up to
+    # float rounding, which differs with the batch under some CPU kernels.
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_pooled.numpy(), want_pooled.numpy(), rtol=1e-5, atol=1e-6)
     t5_part = got.numpy()[:, 16:]
     assert (np.abs(t5_part).sum() == 0) == (variant != "t5")
 
