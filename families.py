@@ -500,25 +500,30 @@ class SD3(SD):
         return {name: load_part(self.model, name, lambda: getattr(transformers, index[name][1]).from_pretrained(
             self.model, subfolder=name)) for name in self.tokenizer_names[:3 if self.use_t5 else 2]}
 
-    def load(self, args, resume_from=None):
-        """Without T5 (--drop_t5, or a model saved without it) T5 is not loaded at all."""
+    def load(self, args, resume_from=None, reading_checkpoint=None):
+        """As SD's; without T5 (--drop_t5, or a model saved without it) T5 is not loaded at all."""
         from ppdiffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         import family_sd3
 
         model = self.model
+        if not os.path.isdir(model):
+            source, cache = download_source()
+            logger.info("%s is not a folder on disk: downloading it from %s into %s (once; later runs read the cache; "
+                        "FROM_HF_HUB=1 downloads from the Hugging Face Hub)", model, source, cache)
+
+        def load(component, cls, trained):
+            if resume_from and trained and not args.use_lora:
+                with (reading_checkpoint or (lambda *a: contextlib.nullcontext()))(resume_from, component):
+                    return cls.from_pretrained(resume_from, subfolder=component)
+            return load_part(model, component, lambda: cls.from_pretrained(model, subfolder=component))
+
         tokenizers = self.load_tokenizers(args)
-        text_encoders = {}
-        for name in self.text_encoder_names[:3 if self.use_t5 else 2]:
-            cls = load_text_encoder_class(model, name)
-            trained = (resume_from and args.train_text_encoder and not args.use_lora
-                       and name in self.trained_text_encoders)
-            source = resume_from if trained else model
-            text_encoders[name] = load_part(model, name, lambda: cls.from_pretrained(source, subfolder=name))
+        text_encoders = {name: load(name, load_text_encoder_class(model, name),
+                                    args.train_text_encoder and name in self.trained_text_encoders)
+                         for name in self.text_encoder_names[:3 if self.use_t5 else 2]}
         vae = load_vae(model, args.pretrained_vae_model_name_or_path)
-        source = resume_from if resume_from and not args.use_lora else model
-        transformer = load_part(model, "transformer",
-                                lambda: SD3Transformer2DModel.from_pretrained(source, subfolder="transformer"))
+        transformer = load("transformer", SD3Transformer2DModel, True)
         noise_scheduler = load_part(model, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
             model, subfolder="scheduler"))
         # Kept apart: a pipeline built on this scheduler would replace its schedule by the sampling one.
