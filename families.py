@@ -83,13 +83,13 @@ class Parts:
 def model_index(model):
     """model_index.json of a pipeline folder or model id, as a dict."""
     path = os.path.join(model, "model_index.json")
-    try:
-        if os.path.isdir(model):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
+    if not os.path.isdir(model):
         from ppdiffusers import DiffusionPipeline
 
-        return DiffusionPipeline.load_config(model)
+        return load_part(model, "model_index.json", lambda: DiffusionPipeline.load_config(model))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise DreamBoothError(f"--pretrained_model_name_or_path {model}: cannot read its model_index.json "
                               f"({first_line(e)}); give a pipeline folder or model id") from e
@@ -97,6 +97,10 @@ def model_index(model):
 
 def for_model(model):
     """The family of a pipeline folder or model id, from its model_index.json's _class_name."""
+    if not os.path.isdir(model):  # said before its first file is fetched
+        source, cache = download_source()
+        logger.info("%s is not a folder on disk: downloading it from %s into %s (once; later runs read the cache; "
+                    "FROM_HF_HUB=1 downloads from the Hugging Face Hub)", model, source, cache)
     name = model_index(model).get("_class_name")
     if name not in FAMILIES:
         raise DreamBoothError(f"--pretrained_model_name_or_path {model} is a {name} model; this trainer supports "
@@ -132,6 +136,15 @@ def load_part(model, component, fn):
                 "model to --pretrained_model_name_or_path") from e
         raise DreamBoothError(f"cannot load the {component} of {model} ({first_line(e)}); check that "
                               f"{component}/ is complete, or give another --pretrained_model_name_or_path") from e
+
+
+def load_component(model, component, cls, checkpoint=None, reading_checkpoint=None):
+    """A component of the model, or of the checkpoint folder a full fine-tune resumes from
+    (reading_checkpoint(folder, name): the context that names a checkpoint file that fails to load)."""
+    if checkpoint:
+        with (reading_checkpoint or (lambda *a: contextlib.nullcontext()))(checkpoint, component):
+            return cls.from_pretrained(checkpoint, subfolder=component)
+    return load_part(model, component, lambda: cls.from_pretrained(model, subfolder=component))
 
 
 def mask_argument(text_encoder, masks):
@@ -255,16 +268,10 @@ class SD:
         from ppdiffusers import DDPMScheduler, UNet2DConditionModel
 
         model = self.model
-        if not os.path.isdir(model):
-            source, cache = download_source()
-            logger.info("%s is not a folder on disk: downloading it from %s into %s (once; later runs read the cache; "
-                        "FROM_HF_HUB=1 downloads from the Hugging Face Hub)", model, source, cache)
 
         def load(component, cls, trained):
-            if resume_from and trained and not args.use_lora:
-                with (reading_checkpoint or (lambda *a: contextlib.nullcontext()))(resume_from, component):
-                    return cls.from_pretrained(resume_from, subfolder=component)
-            return load_part(model, component, lambda: cls.from_pretrained(model, subfolder=component))
+            return load_component(model, component, cls, trained and not args.use_lora and resume_from,
+                                  reading_checkpoint)
 
         tokenizers = self.load_tokenizers(args)
         text_encoders = {name: load(name, load_text_encoder_class(model, name),
@@ -507,16 +514,10 @@ class SD3(SD):
         import family_sd3
 
         model = self.model
-        if not os.path.isdir(model):
-            source, cache = download_source()
-            logger.info("%s is not a folder on disk: downloading it from %s into %s (once; later runs read the cache; "
-                        "FROM_HF_HUB=1 downloads from the Hugging Face Hub)", model, source, cache)
 
         def load(component, cls, trained):
-            if resume_from and trained and not args.use_lora:
-                with (reading_checkpoint or (lambda *a: contextlib.nullcontext()))(resume_from, component):
-                    return cls.from_pretrained(resume_from, subfolder=component)
-            return load_part(model, component, lambda: cls.from_pretrained(model, subfolder=component))
+            return load_component(model, component, cls, trained and not args.use_lora and resume_from,
+                                  reading_checkpoint)
 
         tokenizers = self.load_tokenizers(args)
         text_encoders = {name: load(name, load_text_encoder_class(model, name),

@@ -4,7 +4,7 @@ Every ```bash and ```python block runs, in one shell, from the clone's root, wit
 activated (the blocks activate .venv where the README says so), unless the line before it says
   <!-- readme-test: skip (why) -->            not run (a GPU install, two machines, the test suite itself)
   <!-- readme-test: no-gpu-error -->          on a machine without a GPU it must stop with a one-line error.
-The only changes are the SUBSTITUTIONS below: the tiny model for the model id, and small sizes and step counts.
+The only changes are the SUBSTITUTIONS below: tiny models for the model ids, and small sizes and step counts.
 The clone's .venv is the venv running these tests, so nothing is installed.
 """
 import os
@@ -30,6 +30,9 @@ SUBSTITUTIONS = [  # (pattern, replacement); each must match at least once, so n
     (r"--height=512", "--height=64"),
     (r"--width=512", "--width=64"),
     (r"--max_train_steps=400", "--max_train_steps=2 --diagnostics_steps=1"),
+    (r"stabilityai/stable-diffusion-xl-base-1\.0", "{sdxl}"),
+    (r"madebyollin/sdxl-vae-fp16-fix", "{sdxl}/vae"),  # a VAE folder, as the fixed VAE's id is
+    (r"--height 1024 --width 1024", "--height 64 --width 64"),
 ]
 
 
@@ -46,21 +49,22 @@ def readme_blocks(path=README):
     return blocks
 
 
-def substituted(code, model, used):
+def substituted(code, models, used):
+    """models: {"model": the tiny SD, "sdxl": the tiny SDXL}."""
     for i, (pattern, replacement) in enumerate(SUBSTITUTIONS):
-        code, n = re.subn(pattern, replacement.format(model=model), code)
+        code, n = re.subn(pattern, replacement.format(**models), code)
         used[i] += n
     return code
 
 
-def script_of(blocks, model, scratch):
+def script_of(blocks, models, scratch):
     """One bash script running the blocks in order; returns (script, {block line: stderr file of a
     no-gpu-error block})."""
     used, lines, errors = [0] * len(SUBSTITUTIONS), ["set -euo pipefail"], {}
     for kind, language, code, line in blocks:
         if kind == "skip" or language not in ("bash", "python"):
             continue
-        code = substituted(code, model, used)
+        code = substituted(code, models, used)
         lines.append(f'echo "@@ README.md line {line}"')
         if language == "python":
             code = f"python - <<'README_PYTHON'\n{code}README_PYTHON\n"
@@ -98,7 +102,7 @@ def has_gpu():
 
 
 @pytest.fixture(scope="module")
-def readme_run(tiny_model, tmp_path_factory):
+def readme_run(tiny_model, tiny_sdxl, tmp_path_factory):
     if sys.prefix == sys.base_prefix:
         pytest.skip("the README's `source .venv/bin/activate` needs the tests to run in a venv (run_tests.sh's)")
     try:
@@ -113,7 +117,7 @@ def readme_run(tiny_model, tmp_path_factory):
     os.symlink(sys.prefix, os.path.join(clone, ".venv"))
     status_before = git("status", "--porcelain", cwd=clone)
     scratch = str(tmp_path_factory.mktemp("readme_scratch"))
-    script, errors = script_of(readme_blocks(), tiny_model, scratch)
+    script, errors = script_of(readme_blocks(), dict(model=tiny_model, sdxl=tiny_sdxl), scratch)
     # A new user's shell: no venv active, no python of ours on PATH, no DREAMBOOTH_VENV.
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "DREAMBOOTH_VENV", "PYTHONPATH")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
@@ -163,6 +167,7 @@ def test_what_the_readme_says_is_there_is_there(readme_run):
         assert os.path.isfile(os.path.join(clone, path)), (path, sorted(os.listdir(os.path.dirname(
             os.path.join(clone, path))) if os.path.isdir(os.path.dirname(os.path.join(clone, path))) else []))
     assert os.path.isdir(os.path.join(clone, "class_images", "dog"))
+    assert os.path.isfile(os.path.join(clone, "sdxl_lora", "paddle_lora_weights.safetensors"))  # the SDXL LoRA
     assert not os.path.exists(os.path.join(clone, "log")), "the launcher's logs belong in the output folder"
 
 
@@ -191,7 +196,7 @@ def test_the_text_encoder_lora_snippet_equals_the_trainers_loader(readme_run, ti
     snippet = [code for kind, language, code, _ in readme_blocks()
                if language == "python" and "text_encoder_lora_weights.safetensors" in code]
     assert len(snippet) == 1
-    code = substituted(snippet[0], tiny_model, [0] * len(SUBSTITUTIONS))
+    code = substituted(snippet[0], dict(model=tiny_model, sdxl=None), [0] * len(SUBSTITUTIONS))
     code = "\n".join(line for line in code.splitlines() if not line.startswith("pipe(\""))  # no sampling
     monkeypatch.chdir(readme_run["clone"])
     namespace = {}

@@ -19,7 +19,7 @@ def test_a_model_not_on_disk_says_where_it_downloads_and_a_failed_download_is_on
     with pytest.raises(train_dreambooth.DreamBoothError) as caught:
         run_train(*train_args(model, instance_dir, tmp_path / "out"))
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(f"cannot download the tokenizer of {model} from"), message
+    assert "\n" not in message and message.startswith(f"cannot download the model_index.json of {model} from"), message
     assert "--pretrained_model_name_or_path" in message and "licence" in message, message
     log = capsys.readouterr()
     said = [line for line in (log.out + log.err).splitlines() if "downloading it from" in line]
