@@ -216,6 +216,8 @@ class SD:
     label = "Stable Diffusion 1.x/2.x"
     pipeline_class_name = "StableDiffusionPipeline"
     denoiser_name = "unet"
+    denoiser_class = "UNet2DConditionModel"  # ppdiffusers' class names: imported when loading
+    scheduler_class = "DDPMScheduler"  # the training noise schedule
     tokenizer_names = ("tokenizer",)
     text_encoder_names = ("text_encoder",)
     trained_text_encoders = ("text_encoder",)
@@ -261,27 +263,29 @@ class SD:
         return {name: load_part(self.model, name, lambda: AutoTokenizer.from_pretrained(self.model, subfolder=name))
                 for name in self.tokenizer_names}
 
+    def used_text_encoders(self):
+        """The text encoders this run reads (all the model has, for SD and SDXL)."""
+        return self.text_encoder_names
+
     def load(self, args, resume_from=None, reading_checkpoint=None):
         """The parts; resuming a full fine-tune takes the trained ones from the checkpoint (LoRA resumes
         onto the base). reading_checkpoint(folder, name): the context that names a checkpoint file that
         fails to load."""
-        from ppdiffusers import DDPMScheduler, UNet2DConditionModel
+        import ppdiffusers
 
-        model = self.model
-
-        def load(component, cls, trained):
-            return load_component(model, component, cls, trained and not args.use_lora and resume_from,
-                                  reading_checkpoint)
-
+        model, checkpoint = self.model, resume_from if not args.use_lora else None
         tokenizers = self.load_tokenizers(args)
-        text_encoders = {name: load(name, load_text_encoder_class(model, name),
-                                    args.train_text_encoder and name in self.trained_text_encoders)
-                         for name in self.text_encoder_names}
+        text_encoders = {name: load_component(model, name, load_text_encoder_class(model, name),
+                                              args.train_text_encoder and name in self.trained_text_encoders
+                                              and checkpoint, reading_checkpoint)
+                         for name in self.used_text_encoders()}
         vae = load_vae(model, args.pretrained_vae_model_name_or_path)
-        unet = load("unet", UNet2DConditionModel, True)
+        denoiser = load_component(model, self.denoiser_name, getattr(ppdiffusers, self.denoiser_class), checkpoint,
+                                  reading_checkpoint)
+        scheduler_class = getattr(ppdiffusers, self.scheduler_class)
         noise_scheduler = load_part(model, "scheduler",
-                                    lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
-        return Parts(tokenizers, text_encoders, vae, unet, noise_scheduler)
+                                    lambda: scheduler_class.from_pretrained(model, subfolder="scheduler"))
+        return Parts(tokenizers, text_encoders, vae, denoiser, noise_scheduler)
 
     def unreachable(self, name, text_encoder):
         """Parameter-name prefixes of a text encoder that the conditioning never reads: they get no
@@ -452,6 +456,8 @@ class SD3(SD):
     label = "Stable Diffusion 3"
     pipeline_class_name = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     trained_text_encoders = ("text_encoder", "text_encoder_2")  # T5 stays frozen, as in diffusers
@@ -505,34 +511,22 @@ class SD3(SD):
 
         index = model_index(self.model)
         return {name: load_part(self.model, name, lambda: getattr(transformers, index[name][1]).from_pretrained(
-            self.model, subfolder=name)) for name in self.tokenizer_names[:3 if self.use_t5 else 2]}
+            self.model, subfolder=name)) for name in self.tokenizer_names[:len(self.used_text_encoders())]}
+
+    def used_text_encoders(self):
+        """Without T5 (--drop_t5, or a model saved without it) T5 is not loaded at all."""
+        return self.text_encoder_names[:3 if self.use_t5 else 2]
 
     def load(self, args, resume_from=None, reading_checkpoint=None):
-        """As SD's; without T5 (--drop_t5, or a model saved without it) T5 is not loaded at all."""
-        from ppdiffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-
         import family_sd3
 
-        model = self.model
-
-        def load(component, cls, trained):
-            return load_component(model, component, cls, trained and not args.use_lora and resume_from,
-                                  reading_checkpoint)
-
-        tokenizers = self.load_tokenizers(args)
-        text_encoders = {name: load(name, load_text_encoder_class(model, name),
-                                    args.train_text_encoder and name in self.trained_text_encoders)
-                         for name in self.text_encoder_names[:3 if self.use_t5 else 2]}
-        vae = load_vae(model, args.pretrained_vae_model_name_or_path)
-        transformer = load("transformer", SD3Transformer2DModel, True)
-        noise_scheduler = load_part(model, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
-            model, subfolder="scheduler"))
+        parts = super().load(args, resume_from, reading_checkpoint)
         # Kept apart: a pipeline built on this scheduler would replace its schedule by the sampling one.
-        self.schedule = family_sd3.training_schedule(noise_scheduler)
-        self.joint_attention_dim = transformer.config.joint_attention_dim
-        self.sequence_length = self.t5_length(tokenizers)
+        self.schedule = family_sd3.training_schedule(parts.noise_scheduler)
+        self.joint_attention_dim = parts.denoiser.config.joint_attention_dim
+        self.sequence_length = self.t5_length(parts.tokenizers)
         self.t5_cache = {}
-        return Parts(tokenizers, text_encoders, vae, transformer, noise_scheduler)
+        return parts
 
     # --- prompts
 
