@@ -408,9 +408,9 @@ def signal_in(monkeypatch, owner, name, signums, when=lambda *a, **k: True):
 
 def test_sigterm_while_loading_ends_in_one_line_and_leaves_nothing(tiny_model, instance_dir, tmp_path, capsys,
                                                                     monkeypatch):
-    import train_dreambooth
+    import families
 
-    signal_in(monkeypatch, train_dreambooth, "load_models", [signal.SIGTERM])
+    signal_in(monkeypatch, families.SD, "load", [signal.SIGTERM])
     out = tmp_path / "out"
     code, line, _ = cli(capsys, *train_args(tiny_model, instance_dir, out, *QUIET))
     one_line(code, line, 130, "stopped by SIGTERM while loading the models", "nothing", "rerun the same command")
