@@ -9,6 +9,26 @@ The output folder loads with ppdiffusers.StableDiffusionPipeline.from_pretrained
 
 Read top to bottom: arguments, data, models, the training loop, saving.
 """
+import os
+import signal
+import sys
+
+
+def signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def stopped_while_starting(signum, frame):
+    """Until main() puts its own handlers in place nothing has been written: SIGTERM or Ctrl-C during
+    the imports ends the program at once, in one line (not silently, nor with a traceback)."""
+    os.write(2, f"train_dreambooth.py: stopped by {signal_name(signum)} while starting; nothing was written\n".encode())
+    os._exit(130)  # INTERRUPTED_EXIT_CODE, which is defined after the imports this guards
+
+
+if __name__ == "__main__":  # first thing, before the imports that take most of the start-up
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, stopped_while_starting)
+
 import argparse
 import collections
 import contextlib
@@ -17,14 +37,11 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import pickle
 import random
 import re
 import shutil
-import signal
 import socket
-import sys
 import time
 import warnings
 
@@ -1986,10 +2003,6 @@ PHASE = ["starting", "nothing was written"]
 
 def set_phase(doing, kept):
     PHASE[:] = [doing, kept]
-
-
-def signal_name(signum):
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 def interrupt(signum, frame):

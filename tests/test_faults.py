@@ -406,6 +406,35 @@ def signal_in(monkeypatch, owner, name, signums, when=lambda *a, **k: True):
     monkeypatch.setattr(owner, name, signalling)
 
 
+def has_loaded(pid, library):
+    """Whether process pid has mapped a shared library whose path contains `library` (/proc/pid/maps)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return library in f.read()
+    except FileNotFoundError:  # it ended
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to see how far the start-up is")
+def test_sigterm_during_the_imports_ends_in_one_line(tiny_model, instance_dir, tmp_path):
+    """The first part of a run is imports, before main() has its handlers: SIGTERM there (a scheduler
+    cancelling a job just submitted) is one line, not a silent death. Sent while NumPy is being imported,
+    the first of the trainer's imports; only the interpreter's own start before the script runs is
+    not covered."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_dreambooth.py", *train_args(tiny_model, instance_dir, out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not has_loaded(proc.pid, "_multiarray_umath") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-2000:]
+    one_line(proc.returncode, lines[0], 130, "stopped by SIGTERM while starting", "nothing was written")
+    assert not os.path.exists(out)
+
+
 def test_sigterm_while_loading_ends_in_one_line_and_leaves_nothing(tiny_model, instance_dir, tmp_path, capsys,
                                                                     monkeypatch):
     import families
