@@ -69,11 +69,21 @@ def write_tokenizer_files(out_dir):
     return len(vocab)
 
 
+def tiny_vae(channels, **family_config):
+    """A small AutoencoderKL with 4 latent channels; family_config: the family's latent normalisation."""
+    from ppdiffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=channels,
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels), latent_channels=4,
+                         norm_num_groups=min(32, channels[0]), sample_size=64, **family_config)
+
+
 def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", max_length=16):
     import tempfile
 
     import paddle
-    from ppdiffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from ppdiffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     s = SIZES[size]
@@ -91,16 +101,7 @@ def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", 
         attention_head_dim=s["attention_head_dim"],
         norm_num_groups=min(32, s["unet_channels"][0]),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=s["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]),
-        latent_channels=4,
-        norm_num_groups=min(32, s["vae_channels"][0]),
-        sample_size=64,
-    )
+    vae = tiny_vae(s["vae_channels"])
     # The tokenizer copies its files from where it was built when the pipeline is saved.
     tmp = tempfile.TemporaryDirectory()
     vocab_size = write_tokenizer_files(tmp.name)
@@ -156,7 +157,7 @@ def save_tiny_sdxl_pipeline(out_dir, size="tiny", seed=0, max_length=16):
     import tempfile
 
     import paddle
-    from ppdiffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from ppdiffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from ppdiffusers.transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                           CLIPTokenizer)
 
@@ -180,18 +181,7 @@ def save_tiny_sdxl_pipeline(out_dir, size="tiny", seed=0, max_length=16):
         projection_class_embeddings_input_dim=6 * s["time_embed_dim"] + s["projection_dim"],
         norm_num_groups=min(32, s["unet_channels"][0]),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=s["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]),
-        latent_channels=4,
-        norm_num_groups=min(32, s["vae_channels"][0]),
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae(s["vae_channels"], scaling_factor=0.13025, force_upcast=True)  # SDXL's scale
     tmp = tempfile.TemporaryDirectory()
     vocab_size = write_tokenizer_files(tmp.name)
     tokenizers = [CLIPTokenizer(vocab_file=os.path.join(tmp.name, "vocab.json"),
@@ -249,8 +239,7 @@ def save_tiny_sd3_pipeline(out_dir, size="tiny", seed=0, max_length=16, with_t5=
     import tempfile
 
     import paddle
-    from ppdiffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                             StableDiffusion3Pipeline)
+    from ppdiffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from ppdiffusers.transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                                           T5EncoderModel, T5Tokenizer)
 
@@ -271,12 +260,7 @@ def save_tiny_sd3_pipeline(out_dir, size="tiny", seed=0, max_length=16, with_t5=
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=s["layers"],
         attention_head_dim=s["head_dim"], num_attention_heads=s["heads"], joint_attention_dim=s["t5_width"],
         caption_projection_dim=inner, pooled_projection_dim=sum(s["clip_hidden"]), pos_embed_max_size=32)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=s["vae_channels"],
-        down_block_types=("DownEncoderBlock2D",) * len(s["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(s["vae_channels"]), latent_channels=4,
-        norm_num_groups=min(32, s["vae_channels"][0]), sample_size=64,
-        scaling_factor=1.5305, shift_factor=0.0609)  # SD3's own latent normalisation
+    vae = tiny_vae(s["vae_channels"], scaling_factor=1.5305, shift_factor=0.0609)  # SD3's latent normalisation
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3 medium's shift
     # T5 last: with and without it, every other weight is the same.
     t5, t5_tokenizer = None, None
