@@ -29,7 +29,6 @@ import numpy as np
 from common import LORA_WEIGHTS, TEXT_ENCODER_LORA, give_usual_file_modes
 
 
-
 @dataclass(frozen=True)
 class Layout:
     """One family's single-file layout: where its parts go, and its kohya LoRA names."""
@@ -54,7 +53,6 @@ SDXL = Layout("SDXL", (("text_encoder", "conditioner.embedders.0.transformer.", 
               lora_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
               lora_unet_sgm_names=True)
 LAYOUTS = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
-TEXT_PREFIX = SD.text_encoders[0][1]
 
 # Key-mapping tables: ppdiffusers module name -> original module name. A name missing from a
 # table is the same in both layouts (e.g. everything inside a UNet transformer block).
@@ -288,12 +286,10 @@ def _write(tensors, out_path):
 
 def export_models(unet, vae, text_encoders, out_path, half=False, layout=SD):
     """Write in-memory ppdiffusers models to `out_path` in the layout's original single-file names;
-    text_encoders: a model, or a sequence in the order of layout.text_encoders.
+    text_encoders in the order of layout.text_encoders.
 
     Returns {"path", "tensors", "unet", "vae", <each text encoder's component name>, "dtype", "bytes"}.
     """
-    if not isinstance(text_encoders, (list, tuple)):
-        text_encoders = [text_encoders]
     states = [pytorch_state_dict(m) for m in (unet, vae, *text_encoders)]
     dtype = np.float16 if half else np.float32
     tensors = {k: (v.astype(dtype, copy=False) if np.issubdtype(v.dtype, np.floating) else v)
