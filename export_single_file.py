@@ -3,29 +3,56 @@
     python export_single_file.py OUTPUT_DIR [--out FILE] [--half]
 
 OUTPUT_DIR is either
-- a ppdiffusers Stable Diffusion 1.x pipeline folder (full fine-tuning): the file is a complete
-  checkpoint in the key layout of the original CompVis checkpoints (`model.diffusion_model.*`,
-  `first_stage_model.*`, `cond_stage_model.transformer.*`), loadable as a checkpoint by WebUI,
-  ComfyUI and `StableDiffusionPipeline.from_single_file`; or
+- a ppdiffusers pipeline folder (full fine-tuning): the file is a complete checkpoint in the original
+  key layout, loadable as a checkpoint by WebUI, ComfyUI and the pipeline's `from_single_file`:
+  for Stable Diffusion 1.x/2.x the CompVis one (`model.diffusion_model.*`, `first_stage_model.*`,
+  `cond_stage_model.transformer.*`), for SDXL Stability's SGM one (the same UNet and VAE names,
+  `conditioner.embedders.0.transformer.*` for the CLIP-L text encoder and
+  `conditioner.embedders.1.model.*`, OpenCLIP's names, for the second); or
 - a LoRA output folder of train_dreambooth.py --use_lora (paddle_lora_weights.safetensors, no
   model_index.json; with --train_text_encoder also text_encoder_lora_weights.safetensors): the file
   is the LoRA in the kohya layout that WebUI, ComfyUI and `load_lora_weights` read
   (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_<module>...` for
-  the text encoder).
+  the text encoder; for SDXL, UNet modules under their SGM names as kohya's SDXL files have them,
+  and `lora_te1_` / `lora_te2_` for its two text encoders).
 Both use PyTorch weight orientation. Default output: OUTPUT_DIR/<name of OUTPUT_DIR>.safetensors.
 """
 import argparse
+import json
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from common import LORA_WEIGHTS, TEXT_ENCODER_LORA, give_usual_file_modes
 
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's single-file layout: where its parts go, and its kohya LoRA names."""
+    label: str
+    # (pipeline component, key prefix, "clip": Hugging Face CLIP names / "open_clip": OpenCLIP's)
+    text_encoders: tuple
+    # UNet modules of this family only (ppdiffusers name -> original name)
+    unet_top: dict = field(default_factory=dict)
+    # pipeline component -> kohya LoRA prefix
+    lora_text_prefixes: dict = field(default_factory=lambda: {"text_encoder": "lora_te_"})
+    # kohya names UNet LoRA modules by their ppdiffusers names for SD 1.x, by their SGM names for SDXL
+    lora_unet_sgm_names: bool = False
+
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+SD = Layout("Stable Diffusion 1.x", (("text_encoder", "cond_stage_model.transformer.", "clip"),))
+SDXL = Layout("SDXL", (("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
+                       ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip")),
+              # the pooled-prompt-and-sizes embedding ("text_time")
+              unet_top={"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"},
+              lora_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+              lora_unet_sgm_names=True)
+LAYOUTS = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
 
 # Key-mapping tables: ppdiffusers module name -> original module name. A name missing from a
 # table is the same in both layouts (e.g. everything inside a UNet transformer block).
@@ -59,7 +86,7 @@ def _indices(keys, pattern):
     return {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
 
 
-def _unet_key(key, layers, up_with_attn):
+def _unet_key(key, layers, up_with_attn, top=UNET_TOP):
     """Original name of one UNet parameter, or None if the layout has no place for it."""
     # The original numbers the UNet's layers flat: every down block fills `layers` resnet(+attention)
     # slots plus one downsampler slot; every up block fills `layers + 1` slots, the last also
@@ -82,7 +109,7 @@ def _unet_key(key, layers, up_with_attn):
             return f"middle_block.{2 * int(m[2])}.{_rename(m[3], UNET_RESNET)}"
         return f"middle_block.1.{m[3]}"
     module, param = key.rsplit(".", 1)
-    return f"{UNET_TOP[module]}.{param}" if module in UNET_TOP else None
+    return f"{top[module]}.{param}" if module in top else None
 
 
 def _vae_key(key, n_up):
@@ -110,27 +137,77 @@ def _vae_key(key, n_up):
     return f"{VAE_TOP[module]}.{param}" if module in VAE_TOP else None
 
 
-def _check_all_mapped(component, mapping):
+def _check_all_mapped(component, mapping, layout):
     missing = sorted(k for k, v in mapping.items() if v is None)
     if missing:
-        raise ValueError(f"{component}: no SD 1.x name for {len(missing)} parameter(s), e.g. {missing[:3]}")
+        raise ValueError(f"{component}: no {layout.label} name for {len(missing)} parameter(s), e.g. {missing[:3]}")
 
 
-def to_original_layout(unet_state, vae_state, text_state):
-    """Rename PyTorch-oriented state dicts (see `pytorch_state_dict`) to the original SD layout.
+# Hugging Face CLIP -> OpenCLIP (SDXL's second text encoder): module renames inside a layer, and the
+# names outside the layers. q, k and v are one in_proj in OpenCLIP.
+OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                 "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                 "text_model.final_layer_norm.weight": "ln_final.weight",
+                 "text_model.final_layer_norm.bias": "ln_final.bias"}
 
-    Returns {original key: np.ndarray}. Raises ValueError when a parameter has no place in the
-    SD 1.x layout (e.g. an SDXL UNet), rather than silently dropping it.
+
+def _to_open_clip(state, component):
+    """A PyTorch-oriented CLIPTextModelWithProjection state in OpenCLIP's names."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key in OPEN_CLIP_TOP:
+            out[OPEN_CLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = np.ascontiguousarray(value.T)  # OpenCLIP multiplies x @ text_projection
+        elif m and m[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault((m[1], m[3]), {})[m[2][-6]] = value
+        elif m and m[2] in OPEN_CLIP_LAYER:
+            out[f"transformer.resblocks.{m[1]}.{OPEN_CLIP_LAYER[m[2]]}.{m[3]}"] = value
+        else:
+            raise ValueError(f"{component}: no OpenCLIP name for {key}")
+    if "text_projection" not in out:
+        raise ValueError(f"{component}: not a CLIP text model with a projection (no text_projection.weight); "
+                         "SDXL's second text encoder has one")
+    for (layer, param), parts in qkv.items():
+        if set(parts) != set("qkv"):
+            raise ValueError(f"{component}: layer {layer} lacks one of q_proj, k_proj, v_proj")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = np.concatenate([parts[c] for c in "qkv"])
+    return out
+
+
+def _clip(state, component):
+    """A PyTorch-oriented CLIP text model state as the original layouts hold it: its own names, and the
+    position ids, not a parameter in ppdiffusers (a buffer) but in the original checkpoints, where some
+    loaders look them up."""
+    positions = "text_model.embeddings.position_embedding.weight"
+    if positions not in state:
+        raise ValueError(f"{component}: not a CLIP text model (no {positions})")
+    n_pos = np.asarray(state[positions]).shape[0]
+    return {**state, "text_model.embeddings.position_ids": np.arange(n_pos, dtype=np.int64)[None]}
+
+
+def to_original_layout(unet_state, vae_state, *text_states, layout=SD):
+    """Rename PyTorch-oriented state dicts (see `pytorch_state_dict`) to the layout's original names;
+    text_states in the order of layout.text_encoders.
+
+    Returns {original key: np.ndarray}. Raises ValueError when a parameter has no place in the layout
+    (e.g. an SDXL UNet in the SD 1.x layout), rather than silently dropping it.
     """
+    if len(text_states) != len(layout.text_encoders):
+        raise ValueError(f"the {layout.label} layout has {len(layout.text_encoders)} text encoder(s), "
+                         f"got {len(text_states)}")
     unet_keys = list(unet_state)
     layers = 1 + max(_indices(unet_keys, r"down_blocks\.\d+\.resnets\.(\d+)\."), default=0)
     up_with_attn = _indices(unet_keys, r"up_blocks\.(\d+)\.attentions\.")
     n_up = 1 + max(_indices(vae_state, r"decoder\.up_blocks\.(\d+)\."), default=0)
 
-    unet_map = {k: _unet_key(k, layers, up_with_attn) for k in unet_keys}
+    unet_map = {k: _unet_key(k, layers, up_with_attn, {**UNET_TOP, **layout.unet_top}) for k in unet_keys}
     vae_map = {k: _vae_key(k, n_up) for k in vae_state}
-    _check_all_mapped("unet", unet_map)
-    _check_all_mapped("vae", vae_map)
+    _check_all_mapped("unet", unet_map, layout)
+    _check_all_mapped("vae", vae_map, layout)
 
     out = {UNET_PREFIX + unet_map[k]: np.asarray(v) for k, v in unet_state.items()}
     for k, v in vae_state.items():
@@ -139,16 +216,13 @@ def to_original_layout(unet_state, vae_state, text_state):
         if ".mid.attn_1." in vae_map[k] and v.ndim == 2:
             v = v[:, :, None, None]
         out[VAE_PREFIX + vae_map[k]] = v
-    for k, v in text_state.items():
-        out[TEXT_PREFIX + k] = np.asarray(v)
-    # Not a parameter in ppdiffusers (a non-persistent buffer), but the original checkpoints
-    # carry it and some loaders look it up.
-    positions = "text_model.embeddings.position_embedding.weight"
-    if positions not in text_state:
-        raise ValueError(f"text_encoder: not a CLIP text model (no {positions}); the SD 1.x layout needs one")
-    n_pos = np.asarray(text_state[positions]).shape[0]
-    out[TEXT_PREFIX + "text_model.embeddings.position_ids"] = np.arange(n_pos, dtype=np.int64)[None]
-    if len(out) != len(unet_state) + len(vae_state) + len(text_state) + 1:
+    expected = len(out)
+    for (component, prefix, kind), state in zip(layout.text_encoders, text_states):
+        state = {k: np.asarray(v) for k, v in state.items()}
+        state = _clip(state, component) if kind == "clip" else _to_open_clip(state, component)
+        out.update({prefix + k: v for k, v in state.items()})
+        expected += len(state)
+    if len(out) != expected:
         raise ValueError("two parameters were mapped to the same original key")
     return out
 
@@ -178,6 +252,21 @@ def is_pipeline_folder(folder):
     return all(os.path.isfile(os.path.join(folder, sub, "config.json")) for sub in ("unet", "vae", "text_encoder"))
 
 
+def pipeline_layout(folder):
+    """The single-file layout of a pipeline folder, from its model_index.json (SD 1.x without one)."""
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            name = json.load(f).get("_class_name")
+    except FileNotFoundError:
+        return SD
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot read its model_index.json ({e})") from e
+    if name not in LAYOUTS:
+        raise ValueError(f"{folder} is a {name}; a single file can be written for "
+                         f"{', '.join(LAYOUTS)} only (the folder itself loads with {name}.from_pretrained)")
+    return LAYOUTS[name]
+
+
 def _write(tensors, out_path):
     """Save {name: np.ndarray} to out_path; a crash leaves no half-written file under that name."""
     from safetensors.numpy import save_file
@@ -195,36 +284,42 @@ def _write(tensors, out_path):
             os.remove(tmp)
 
 
-def export_models(unet, vae, text_encoder, out_path, half=False):
-    """Write in-memory ppdiffusers models to `out_path` in the original single-file layout.
+def export_models(unet, vae, text_encoders, out_path, half=False, layout=SD):
+    """Write in-memory ppdiffusers models to `out_path` in the layout's original single-file names;
+    text_encoders in the order of layout.text_encoders.
 
-    Returns {"path", "tensors", "unet", "vae", "text_encoder", "dtype", "bytes"}.
+    Returns {"path", "tensors", "unet", "vae", <each text encoder's component name>, "dtype", "bytes"}.
     """
-    states = [pytorch_state_dict(m) for m in (unet, vae, text_encoder)]
+    states = [pytorch_state_dict(m) for m in (unet, vae, *text_encoders)]
     dtype = np.float16 if half else np.float32
     tensors = {k: (v.astype(dtype, copy=False) if np.issubdtype(v.dtype, np.floating) else v)
-               for k, v in to_original_layout(*states).items()}
+               for k, v in to_original_layout(*states, layout=layout).items()}
     del states
     _write(tensors, out_path)
-    counts = {name: sum(k.startswith(prefix) for k in tensors)
-              for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX))}
+    prefixes = [("unet", UNET_PREFIX), ("vae", VAE_PREFIX)] + [(c, p) for c, p, _ in layout.text_encoders]
+    counts = {name: sum(k.startswith(prefix) for k in tensors) for name, prefix in prefixes}
     return dict(path=out_path, tensors=len(tensors), dtype=np.dtype(dtype).name,
                 bytes=os.path.getsize(out_path), **counts)
 
 
-def export_pipeline(folder, out_path, half=False):
-    """Load the pipeline saved at `folder` and write it with `export_models`; returns its summary."""
+def export_pipeline(folder, out_path, half=False, layout=None):
+    """Load the pipeline saved at `folder` and write it with `export_models` in its family's layout
+    (`layout`, by default read from its model_index.json); returns its summary."""
     if not is_pipeline_folder(folder):
         raise ValueError(f"{folder} is not a Stable Diffusion pipeline folder (needs unet/, vae/, text_encoder/)")
+    layout = layout or pipeline_layout(folder)
+    import ppdiffusers.transformers as transformers
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
-    from ppdiffusers.transformers import CLIPTextModel
 
+    # SDXL's second encoder is a CLIPTextModelWithProjection: its projection belongs in the file.
+    classes = {"clip": transformers.CLIPTextModel, "open_clip": transformers.CLIPTextModelWithProjection}
     return export_models(
         UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
         AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        [classes[kind].from_pretrained(folder, subfolder=component) for component, _, kind in layout.text_encoders],
         out_path,
         half=half,
+        layout=layout,
     )
 
 
@@ -242,9 +337,8 @@ def export_pipeline(folder, out_path, half=False):
 # loader reads no alpha from its own files), so the export writes alpha = rank: scale 1, and the
 # LoRA acts exactly as it does in ppdiffusers. WebUI's and ComfyUI's strength slider multiplies on top.
 
-# ppdiffusers key pattern -> kohya prefix
-LORA_KEYS = ((re.compile(r"unet\.(.+)\.lora\.(down|up)\.weight"), "lora_unet_"),
-             (re.compile(r"text_encoder\.(.+)\.lora_linear_layer\.(down|up)\.weight"), "lora_te_"))
+UNET_LORA = re.compile(r"unet\.(.+)\.lora\.(down|up)\.weight")
+TEXT_LORA = re.compile(r"(text_encoder(?:_2)?)\.(.+)\.lora_linear_layer\.(down|up)\.weight")
 
 
 def is_lora_folder(folder):
@@ -253,20 +347,44 @@ def is_lora_folder(folder):
             and not os.path.isfile(os.path.join(folder, "model_index.json")))
 
 
-def to_webui_lora(state, paddle_orientation=True):
-    """{ppdiffusers LoRA key: array} -> {kohya key: np.ndarray}, with alpha = rank per module.
+def lora_layout(keys):
+    """The family of a trainer LoRA, from its keys: SDXL has a second text encoder and, unlike SD 1.x/2.x,
+    no attention in its first UNet block."""
+    if any(k.startswith("text_encoder_2.") for k in keys):
+        return SDXL
+    down = [k for k in keys if k.startswith("unet.down_blocks.") and ".attentions." in k]
+    return SDXL if down and not any(k.startswith("unet.down_blocks.0.") for k in down) else SD
+
+
+def _sgm_lora_modules(modules, layout):
+    """{ppdiffusers UNet module: its SGM name} (kohya's SDXL names) for the attention modules LoRA adapts."""
+    attention_layers = _indices(modules, r"down_blocks\.\d+\.attentions\.(\d+)\.")
+    if not attention_layers:
+        raise ValueError("no LoRA in a down block's attention: cannot tell the UNet's layers per block")
+    layers = 1 + max(attention_layers)
+    # LoRA sits inside attention blocks only, where the upsampler's slot does not matter.
+    names = {m: _unet_key(f"{m}.weight", layers, set(), {**UNET_TOP, **layout.unet_top}) for m in modules}
+    _check_all_mapped("unet LoRA", names, layout)
+    return {m: name.removesuffix(".weight") for m, name in names.items()}
+
+
+def to_webui_lora(state, paddle_orientation=True, layout=SD):
+    """{ppdiffusers LoRA key: array} -> {kohya key: np.ndarray}, with alpha = rank per module, in the
+    layout's kohya names.
 
     `paddle_orientation`: the arrays are Paddle-oriented (a file saved with metadata format "pd",
     as the trainer writes); False for files already in PyTorch orientation (format "pt").
     Raises ValueError for anything but 2-D UNet and text-encoder LoRA pairs (conv LoRA has no
-    mapping here).
+    mapping here) and for text encoders the layout does not have.
     """
-    pairs = {}
+    pairs = {}  # (kohya prefix, ppdiffusers module) -> {"down"/"up": array}
     for key, value in state.items():
-        for pattern, prefix in LORA_KEYS:
-            m = pattern.fullmatch(key)
-            if m:
-                break
+        if m := UNET_LORA.fullmatch(key):
+            prefix, module, which = "lora_unet_", m[1], m[2]
+        elif (m := TEXT_LORA.fullmatch(key)) and m[1] in layout.lora_text_prefixes:
+            prefix, module, which = layout.lora_text_prefixes[m[1]], m[2], m[3]
+        elif m:
+            raise ValueError(f"{key}: the {layout.label} layout has no {m[1]}")
         else:
             raise ValueError(f"{key}: not a UNet or text-encoder LoRA weight (expected unet.<module>.lora.down/up"
                              ".weight or text_encoder.<module>.lora_linear_layer.down/up.weight)")
@@ -274,11 +392,13 @@ def to_webui_lora(state, paddle_orientation=True):
         if value.ndim != 2:
             raise ValueError(f"{key}: {value.ndim}-D LoRA weights (e.g. of convolutions) are not supported")
         value = value.astype(np.float32) if value.dtype != np.float32 else value
-        name = prefix + m[1].replace(".", "_")
-        pairs.setdefault(name, {})[m[2]] = np.ascontiguousarray(value.T) if paddle_orientation else value
+        pairs.setdefault((prefix, module), {})[which] = np.ascontiguousarray(value.T) if paddle_orientation else value
 
+    unet_modules = [module for prefix, module in pairs if prefix == "lora_unet_"]
+    renamed = _sgm_lora_modules(unet_modules, layout) if layout.lora_unet_sgm_names and unet_modules else {}
     out = {}
-    for name, pair in sorted(pairs.items()):
+    for (prefix, module), pair in sorted(pairs.items()):
+        name = prefix + renamed.get(module, module).replace(".", "_")
         if set(pair) != {"down", "up"}:
             raise ValueError(f"{name}: LoRA {'down' if 'down' not in pair else 'up'} weight missing")
         down, up = pair["down"], pair["up"]  # now [rank, in] and [out, rank]
@@ -292,10 +412,10 @@ def to_webui_lora(state, paddle_orientation=True):
     return out
 
 
-def export_lora(lora_file_or_dir, out_path, half=False):
+def export_lora(lora_file_or_dir, out_path, half=False, layout=None):
     """Write the trainer's LoRA (its paddle_lora_weights.safetensors, or the folder holding it and,
-    if the text encoder was trained, text_encoder_lora_weights.safetensors) to `out_path` in the kohya
-    layout; float16 with `half`.
+    if the text encoders were trained, text_encoder_lora_weights.safetensors) to `out_path` in the kohya
+    layout of `layout` (by default the family read off the keys); float16 with `half`.
 
     Returns {"path", "tensors", "modules", "rank", "dtype", "bytes"}.
     """
@@ -307,13 +427,16 @@ def export_lora(lora_file_or_dir, out_path, half=False):
         paths = paths[:1] + [p for p in paths[1:] if os.path.isfile(p)]
     if not os.path.isfile(paths[0]):
         raise ValueError(f"{lora_file_or_dir}: no LoRA weights ({LORA_WEIGHTS})")
-    tensors = {}
+    states = []
     for path in paths:
         with safe_open(path, framework="np") as f:
             # ppdiffusers marks its own (Paddle-oriented) files "pd"; a file without the key is a PyTorch one.
             fmt = (f.metadata() or {}).get("format", "pt")
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        tensors.update(to_webui_lora(state, paddle_orientation=fmt in ("pd", "np")))
+            states.append(({k: f.get_tensor(k) for k in f.keys()}, fmt in ("pd", "np")))
+    layout = layout or lora_layout([k for state, _ in states for k in state])
+    tensors = {}
+    for state, paddle_orientation in states:
+        tensors.update(to_webui_lora(state, paddle_orientation=paddle_orientation, layout=layout))
     dtype = np.float16 if half else np.float32
     tensors = {k: v.astype(dtype, copy=False) for k, v in tensors.items()}
     _write(tensors, out_path)

@@ -398,9 +398,10 @@ class SD:
         kohya's). Returns its summary."""
         import export_single_file
 
+        layout = export_single_file.LAYOUTS[self.pipeline_class_name]
         if lora:
-            return export_single_file.export_lora(folder, out, half=half)
-        return export_single_file.export_pipeline(folder, out, half=half)
+            return export_single_file.export_lora(folder, out, half=half, layout=layout)
+        return export_single_file.export_pipeline(folder, out, half=half, layout=layout)
 
 
 class SDXL(SD):
@@ -419,9 +420,6 @@ class SDXL(SD):
         if args.tokenizer_name:
             raise DreamBoothError("--tokenizer_name: SDXL has two tokenizers, which come from the model folder; "
                                   "drop the flag")
-        if args.export_single_file:
-            raise DreamBoothError("--export_single_file is not supported for SDXL yet; drop the flag (the output "
-                                  "folder loads with StableDiffusionXLPipeline)")
 
     def unreachable(self, name, text_encoder):
         if name != "text_encoder":

@@ -205,8 +205,8 @@ def build_parser():
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder to resume from.')
     g.add_argument("--export_single_file", action="store_true",
                    help="After the final save, also write output_dir/<name of output_dir>.safetensors for Stable "
-                        "Diffusion WebUI / ComfyUI: a full SD 1.x checkpoint, or with --use_lora a kohya-layout "
-                        "LoRA (see docs/lora_and_export.md).")
+                        "Diffusion WebUI / ComfyUI: a full SD 1.x or SDXL checkpoint, or with --use_lora a "
+                        "kohya-layout LoRA (see docs/lora_and_export.md; not for SD3).")
     g.add_argument("--export_half", action="store_true",
                    help="With --export_single_file: store that file in float16 (half the size).")
     g.add_argument("--logging_dir", default="logs", help="Log folder, under output_dir.")

@@ -1,8 +1,11 @@
 """SDXL DreamBooth on a tiny SDXL built by tiny_sd.py --family sdxl: the guarantees of the SD 1.x path."""
 import csv
+import json
 import os
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +31,7 @@ def sdxl_args(model, instance, out, class_dir, *extra):
 @pytest.fixture(scope="module")
 def sdxl_run(tiny_sdxl, instance_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("sdxl")
-    run_train(*sdxl_args(tiny_sdxl, instance_dir, work / "out", work / "class"))
+    run_train(*sdxl_args(tiny_sdxl, instance_dir, work / "out", work / "class", "--export_single_file"))
     return work
 
 
@@ -195,7 +198,7 @@ LORA = ("--use_lora", "--train_text_encoder", "--lora_rank", RANK, "--lora_alpha
 def lora_run(tiny_sdxl, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl-lora")
     run_train(*train_args(tiny_sdxl, instance_dir, out, *LORA, "--train_batch_size", 2, "--max_train_steps", 1,
-                          *GRADIENT_LIKE))
+                          "--export_single_file", *GRADIENT_LIKE))
     return out
 
 
@@ -284,3 +287,190 @@ def test_a_separate_vae_trains_and_is_saved_with_the_result(tiny_model, tiny_sdx
     with pytest.raises(train_dreambooth.DreamBoothError, match="--pretrained_vae_model_name_or_path .*cannot load"):
         run_train(*train_args(tiny_model, instance_dir, tmp_path / "bad", "--pretrained_vae_model_name_or_path",
                               tmp_path / "nothing"))
+
+
+# --- --export_single_file: the SGM checkpoint and the kohya LoRA, read back by ppdiffusers' own readers
+
+def sgm_config_yaml(folder):
+    """The pipeline's architecture in Stability's SGM config format (what sd_xl_base.yaml says of the real
+    SDXL), derived from its config.json files, for ppdiffusers' single-file reader."""
+    unet, vae = (json.loads((Path(folder) / sub / "config.json").read_text()) for sub in ("unet", "vae"))
+    ch, vae_ch = unet["block_out_channels"][0], vae["block_out_channels"][0]
+    # The original marks attention levels by downsampling factor (1, 2, 4, ...).
+    attn = [2 ** i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]
+    return f"""
+model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: {vae["scaling_factor"]}
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        adm_in_channels: {unet["projection_class_embeddings_input_dim"]}
+        num_classes: sequential
+        in_channels: {unet["in_channels"]}
+        out_channels: {unet["out_channels"]}
+        model_channels: {ch}
+        attention_resolutions: {attn}
+        num_res_blocks: {unet["layers_per_block"]}
+        channel_mult: {[c // ch for c in unet["block_out_channels"]]}
+        num_heads: {unet["attention_head_dim"]}
+        use_linear_in_transformer: true
+        transformer_depth: {list(unet["transformer_layers_per_block"])}
+        context_dim: {unet["cross_attention_dim"]}
+    first_stage_config:
+      target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
+      params:
+        embed_dim: {vae["latent_channels"]}
+        ddconfig:
+          double_z: true
+          z_channels: {vae["latent_channels"]}
+          resolution: {vae["sample_size"]}
+          in_channels: {vae["in_channels"]}
+          out_ch: {vae["out_channels"]}
+          ch: {vae_ch}
+          ch_mult: {[c // vae_ch for c in vae["block_out_channels"]]}
+          num_res_blocks: {vae["layers_per_block"]}
+          attn_resolutions: []
+          dropout: 0.0
+"""
+
+
+# The hub ids whose configs and tokenizers ppdiffusers' SDXL reader builds the two text encoders from.
+READER_TEXT_ENCODERS = {"openai/clip-vit-large-patch14": ("text_encoder", "tokenizer"),
+                        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k": ("text_encoder_2", "tokenizer_2")}
+SINGLE_FILE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def read_back_with_ppdiffusers(path, model, work, monkeypatch):
+    """An SGM single file loaded by ppdiffusers' own SDXL reader (what StableDiffusionXLPipeline.from_single_file
+    runs), offline: the architecture from sgm_config_yaml, and both text encoders' configs and tokenizers from
+    folders named by the hub ids the reader asks for (with local_files_only it takes a folder of that name in
+    the working directory). Two choices the reader makes from the cross-attention width of the real SDXL
+    (2048), which the tiny one does not have, are given: model_type "SDXL" (from_single_file infers it from
+    that width), and the UNet's pooled-prompt-and-sizes embedding, which it then builds as class_embedding
+    ("projection") instead of add_embedding ("text_time"), from the same label_emb weights."""
+    from ppdiffusers import StableDiffusionXLPipeline
+    from ppdiffusers.pipelines.stable_diffusion.convert_from_ckpt import \
+        download_from_original_stable_diffusion_ckpt
+
+    work.mkdir(exist_ok=True)
+    for hub_id, (encoder, tokenizer) in READER_TEXT_ENCODERS.items():
+        if not (work / hub_id).is_dir():
+            shutil.copytree(os.path.join(model, tokenizer), work / hub_id)
+            shutil.copy(os.path.join(model, encoder, "config.json"), work / hub_id)
+    (work / "sdxl.yaml").write_text(sgm_config_yaml(model))
+    monkeypatch.chdir(work)
+    pipe = download_from_original_stable_diffusion_ckpt(
+        str(path), original_config_file=str(work / "sdxl.yaml"), model_type="SDXL",
+        pipeline_class=StableDiffusionXLPipeline, from_safetensors=True, local_files_only=True, image_size=64)
+    loaded = {name: {k: v.numpy() for k, v in getattr(pipe, name).state_dict().items()}
+              for name in SINGLE_FILE_COMPONENTS}
+    loaded["unet"] = {k.replace("class_embedding.", "add_embedding."): v for k, v in loaded["unet"].items()}
+    return loaded
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_single_file_round_trips_through_ppdiffusers_sdxl_reader(tiny_sdxl, sdxl_run, tmp_path, monkeypatch, half):
+    """The trainer's SGM file (and the float16 one export_single_file.py writes from the saved folder) loads
+    back through ppdiffusers' SDXL reader into exactly the saved UNet, both text encoders and VAE
+    (float16: each value rounded once)."""
+    import export_single_file
+
+    out = sdxl_run / "out"
+    path = out / "out.safetensors"
+    if half:
+        path = export_single_file.export_pipeline(str(out), str(tmp_path / "half.safetensors"), half=True)["path"]
+    loaded = read_back_with_ppdiffusers(path, tiny_sdxl, tmp_path / "reader", monkeypatch)
+    for name in SINGLE_FILE_COMPONENTS:
+        saved = load_weights(out, name)
+        assert set(loaded[name]) == set(saved), name
+        for key, value in saved.items():
+            want = value.astype(np.float16).astype(np.float32) if half else value
+            assert np.array_equal(loaded[name][key], want), f"{name}.{key} differs after the round trip"
+    base = load_weights(tiny_sdxl, "text_encoder_2")
+    assert any(not np.array_equal(base[k], v) for k, v in load_weights(out, "text_encoder_2").items()), "trained?"
+
+
+def test_single_file_has_the_sgm_names_other_tools_look_up(sdxl_run):
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(sdxl_run / "out" / "out.safetensors"))
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
+                "conditioner.embedders.1.model.")
+    assert all(k.startswith(prefixes) for k in tensors), [k for k in tensors if not k.startswith(prefixes)]
+    second = load_weights(sdxl_run / "out", "text_encoder_2")  # Paddle: Linear weights [in, out]
+    hidden = second["text_model.final_layer_norm.weight"].shape[0]
+    open_clip = "conditioner.embedders.1.model."
+    # WebUI tells SDXL by this key; OpenCLIP keeps q, k, v in one in_proj and multiplies x @ text_projection.
+    assert open_clip + "ln_final.weight" in tensors and "model.diffusion_model.label_emb.0.0.weight" in tensors
+    assert tensors[open_clip + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * hidden, hidden)
+    assert np.array_equal(tensors[open_clip + "text_projection"], second["text_projection.weight"])
+    ids = tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
+    assert ids.dtype == np.int64 and ids.tolist() == [list(range(ids.shape[1]))]
+
+
+def test_lora_exports_as_kohya_sdxl_and_ppdiffusers_kohya_reader_gives_what_load_lora_gives(tiny_sdxl, lora_run):
+    """The kohya file (UNet modules under their SGM names, lora_te1_ / lora_te2_, alpha = rank) through
+    ppdiffusers' kohya reader (StableDiffusionXLPipeline.lora_state_dict, the first step of load_lora_weights):
+    its UNet part loaded by load_lora_into_unet, its text-encoder parts (whose loader ppdiffusers 0.29 refuses
+    on this stack) merged as W += up @ down * alpha / rank, give the outputs load_lora gives."""
+    from ppdiffusers import StableDiffusionXLPipeline
+    from safetensors.numpy import load_file
+
+    import train_dreambooth
+
+    kohya = load_file(str(lora_run / f"{lora_run.name}.safetensors"))
+    unet_file, text_file = lora_files(lora_run)
+    assert len(kohya) == 3 * (len(unet_file) + len(text_file)) // 2
+    modules = {k.rsplit(".", 1)[0] for k in kohya if k.endswith(".alpha")}
+    assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for m in modules if m.startswith("lora_unet_")), "kohya's SDXL files use the SGM block names"
+    assert all(float(kohya[f"{m}.alpha"]) == kohya[f"{m}.lora_down.weight"].shape[0] == RANK for m in modules)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    state, alphas, from_diffusers = pipe.lora_state_dict(str(lora_run), weight_name=f"{lora_run.name}.safetensors",
+                                                         unet_config=pipe.unet.config)
+    assert from_diffusers and len(state) == 2 * len(modules) and len(alphas) == len(modules)
+    state = {k: np.asarray(v) for k, v in state.items()}  # PyTorch orientation: up [out, r], down [r, in]
+    merged = set()
+    for key, down in state.items():
+        m = re.fullmatch(r"(text_encoder(?:_2)?)\.(.+)\.to_(q|k|v|out)_lora\.down\.weight", key)
+        if m:  # the reader's names for q_proj, k_proj, v_proj, out_proj
+            weight = getattr(pipe, m[1]).state_dict()[f"{m[2]}.{m[3]}_proj.weight"]
+            update = state[key.replace(".down.", ".up.")] @ down * (alphas[f"{key}.alpha"] / down.shape[0])
+            weight.set_value(weight.numpy() + update.T)  # Paddle Linear weights are [in, out]
+            merged.add(m[1])
+    assert merged == {"text_encoder", "text_encoder_2"}
+    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, from_diffusers=from_diffusers)
+    loaded = outputs(train_dreambooth.load_lora(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), str(lora_run)))
+    for what, got, want in zip(("prompt_embeds", "pooled_prompt_embeds", "UNet prediction"), outputs(pipe), loaded):
+        assert np.abs(got - want).max() <= 1e-5, what
+
+
+def test_export_cli_tells_sdxl_from_sd_by_the_folder(sdxl_run, lora_run, tmp_path):
+    """export_single_file.py on an SDXL output folder writes what the trainer wrote: the layout from the
+    pipeline's model_index.json, or for a LoRA folder from its keys; an SD3 folder is one line."""
+    from safetensors.numpy import load_file
+
+    import export_single_file
+
+    unet_file, _ = lora_files(lora_run)
+    assert export_single_file.lora_layout(unet_file) is export_single_file.SDXL  # a UNet-only SDXL LoRA, too
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    for name in (export_single_file.LORA_WEIGHTS, export_single_file.TEXT_ENCODER_LORA):
+        shutil.copy(lora_run / name, lora)
+    for folder, trainer_file in ((sdxl_run / "out", sdxl_run / "out" / "out.safetensors"),
+                                 (lora, lora_run / f"{lora_run.name}.safetensors")):
+        out = tmp_path / f"{folder.name}-cli.safetensors"
+        assert export_single_file.main([str(folder), "--out", str(out)]) == 0
+        got, want = load_file(str(out)), load_file(str(trainer_file))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), folder
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(sdxl_run / "out", sd3, ignore=shutil.ignore_patterns("*.safetensors", "checkpoint-*"))
+    (sd3 / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline; a single file can be written for"):
+        export_single_file.export_pipeline(str(sd3), str(tmp_path / "sd3.safetensors"))
+    assert not (tmp_path / "sd3.safetensors").exists()

@@ -49,6 +49,7 @@ NUMERICS = "tests/test_numerics.py"
 BLIND = "tests/test_blind_spots.py"
 MULTI = "tests/test_multi_process.py"
 FAULTS = "tests/test_faults.py"
+SDXL = "tests/test_sdxl.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -173,6 +174,14 @@ BUGS = [
         "family.export(args.output_dir, out, args.use_lora, args.export_half)",
         "family.export(args.output_dir, out, args.use_lora, False)",
         [BLIND, "-k", "export_half"]),
+    Bug("sdxl_open_clip_norms_swapped", "the SDXL single file puts the second encoder's layer_norm1 under OpenCLIP's "
+        "ln_2 and layer_norm2 under ln_1", "export_single_file.py",
+        '"layer_norm1": "ln_1", "layer_norm2": "ln_2"', '"layer_norm1": "ln_2", "layer_norm2": "ln_1"',
+        [SDXL, "-k", "single_file_round_trips and fp32"]),
+    Bug("sdxl_kohya_encoders_swapped", "the SDXL kohya LoRA names the first encoder's weights lora_te2_ and the "
+        "second's lora_te1_", "export_single_file.py",
+        'lora_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}',
+        'lora_text_prefixes={"text_encoder": "lora_te2_", "text_encoder_2": "lora_te1_"}', [SDXL, "-k", "kohya"]),
     Bug("validation_rng_not_restored", "validation leaves Paddle's RNG where its sampling left it", T,
         "            model.train(mode)\n        paddle.set_rng_state(rng)\n",
         "            model.train(mode)\n",
