@@ -1,11 +1,18 @@
 """What train_dreambooth.py, families.py, diagnostics.py and export_single_file.py share: the error a user
 can fix, and the names of the files a run writes. Imports nothing of the project, so every module can
 import it without a cycle."""
+import math
 import os
 
 
 class DreamBoothError(Exception):
     """A problem the user can fix: reported as one line, exit code 1."""
+
+
+def parameter_count(parameters):
+    """Elements of the parameters, from their shapes: a model built under paddle.LazyGuard (no memory,
+    tools/memory_table.py) counts too, where numel() needs a device."""
+    return sum(math.prod(p.shape) for p in parameters)
 
 
 def first_line(error):

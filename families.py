@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common import DreamBoothError, first_line
+from common import DreamBoothError, first_line, parameter_count
 
 logger = logging.getLogger("dreambooth")
 
@@ -208,7 +208,7 @@ def add_attention_lora(denoiser, projections, rank, alpha):
             for linear in (layer.get_sublayer(name) for name in projections):
                 fan_in, fan_out = linear.weight.shape  # Paddle stores Linear weights [in, out]
                 linear.set_lora_layer(LoRALinearLayer(fan_in, fan_out, rank=rank, network_alpha=alpha))
-    return sum(int(p.numel()) for p in denoiser.parameters() if not p.stop_gradient)
+    return parameter_count(p for p in denoiser.parameters() if not p.stop_gradient)
 
 
 class SD:

@@ -119,7 +119,9 @@ def add_transformer_lora(transformer, rank, alpha):
         p.stop_gradient = True
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TRANSFORMER_LORA_TARGETS)
     inject_adapter_in_model(config, transformer, adapter_name=LORA_ADAPTER)
-    return sum(int(p.numel()) for p in transformer.parameters() if not p.stop_gradient)
+    from common import parameter_count
+
+    return parameter_count(p for p in transformer.parameters() if not p.stop_gradient)
 
 
 def lora_state_for_loading(transformer, rank, alpha):

@@ -50,7 +50,8 @@ from PIL import Image, ImageOps
 
 import families
 from common import (FINISHED_MARKERS, LORA_TRAINING_STATE, OPTIMIZER_STATE, PIPELINE_ENTRIES, RNG_STATE,
-                    TEXT_ENCODER_LORA, TRAINING_STATE, DreamBoothError, first_line, give_usual_file_modes)
+                    TEXT_ENCODER_LORA, TRAINING_STATE, DreamBoothError, first_line, give_usual_file_modes,
+                    parameter_count)
 
 logger = logging.getLogger("dreambooth")
 
@@ -588,7 +589,7 @@ def add_text_encoder_lora(text_encoder, rank, alpha, skip=()):
             continue
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             setattr(attention, name, PatchedLoraProjection(getattr(attention, name), network_alpha=alpha, rank=rank))
-    return sum(int(p.numel()) for p in text_encoder.parameters() if not p.stop_gradient)
+    return parameter_count(p for p in text_encoder.parameters() if not p.stop_gradient)
 
 
 def lora_state_for_loading(family, denoiser, text_encoders, args):
@@ -1723,22 +1724,21 @@ def train(args, mkl_code_path):
         family.enable_gradient_checkpointing(denoiser)
         for name in trained_text:
             text_encoders[name].gradient_checkpointing_enable()
-    if args.print_memory_estimate and rank == 0:
-        import memory_estimate
-
-        trained_counts = [sum(int(p.numel()) for m in group for p in m.parameters() if not p.stop_gradient)
-                          for group in ([denoiser], list(text_encoders.values()))]
-        memory_estimate.log_estimate(logger.info, *memory_estimate.estimate(
-            denoiser, list(text_encoders.values()), vae, *trained_counts, args, latent_shape[1:],
-            family.max_tokens(tokenizers)))
-
-    # --- What never changes is computed once: prompt embeddings of frozen text encoders, and the
-    # VAE posterior (mean, std) of each image when no random crop would be lost by caching.
-    prompt_ids = {p: family.tokenize(tokenizers, p) for p in {it.prompt for it in instances + classes}}
     if args.cache_latents is None:
         args.cache_latents = not any(it.random_crop for it in instances + classes)
     elif args.cache_latents and any(it.random_crop for it in instances + classes):
         logger.warning("--cache_latents: images are center-cropped once instead of randomly per step")
+    # What waits in host memory while training (see park): the VAE with cached latents, frozen text encoders.
+    to_park = ([vae] if args.cache_latents else []) + frozen_text
+    if args.print_memory_estimate and rank == 0:
+        import memory_estimate
+
+        memory_estimate.log_estimate(logger.info, *memory_estimate.estimate(
+            denoiser, text_encoders, vae, to_park, args, latent_shape[1:], family.max_tokens(tokenizers)))
+
+    # --- What never changes is computed once: prompt embeddings of frozen text encoders, and the
+    # VAE posterior (mean, std) of each image when no random crop would be lost by caching.
+    prompt_ids = {p: family.tokenize(tokenizers, p) for p in {it.prompt for it in instances + classes}}
     embeddings = {}
     if not trained_text:
         with paddle.no_grad():
@@ -1857,7 +1857,7 @@ def train(args, mkl_code_path):
         with saving(os.path.join(args.output_dir, diagnostics.CSV_FILE), resume_fix(args.output_dir)):
             diag = diagnostics.start(args, family, concepts, instances, parts, autocast, writer,
                                      position["global_step"])
-    parked = park(([vae] if args.cache_latents else []) + frozen_text)
+    parked = park(to_park)
     logger.info("Training: %d updates (%d epochs of %d), batch %d x %d processes x %d accumulation, lr %g",
                 args.max_train_steps, num_epochs, updates_per_epoch, args.train_batch_size, world_size,
                 args.gradient_accumulation_steps, args.learning_rate)

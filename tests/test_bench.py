@@ -40,34 +40,65 @@ def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
         assert len(reference) == 1 and float(reference[0].split("|")[2]) > 0, result.stdout
 
 
-def test_memory_estimate_matches_docs_for_sd1():
-    """docs/memory.md's activation rows come from memory_estimate for SD 1.x at 512 (64x64 latents)."""
+SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, attention_head_dim=[5, 10, 20],
+                 transformer_layers_per_block=[1, 2, 10],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"])
+
+
+def test_the_unet_activation_count_follows_sdxl_levels():
+    """SDXL's UNet has a transformer depth and a head count per level (1, 2, 10 blocks; 5, 10, 20 heads;
+    no attention at the top level). Counted here by hand for 1024x1024 (128x128 latents), 77 tokens:
+    the attention layers at 64x64 (2 down, 3 up) and at 32x32 (2 down, 3 up, 1 mid)."""
     from memory_estimate import unet_activation_elements
 
-    sd1 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8,
-               down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
-    gib = lambda elements: 4 * elements / 2**30  # noqa: E731  fp32
-    assert round(gib(unet_activation_elements(sd1, 64, 64, 77)), 1) == 7.3
-    assert round(gib(unet_activation_elements(sd1, 64, 64, 77, efficient_attention=True)), 1) == 2.0
-    assert round(gib(unet_activation_elements(sd1, 64, 64, 77, checkpointing=True)), 1) == 1.3
+    def count(**changes):
+        return unet_activation_elements(dict(SDXL_UNET, **changes), 128, 128, 77, efficient_attention=True)
+
+    # each transformer block beyond the first: ~26 C N plus cross-attention's 2 heads N tokens
+    extra = 5 * 1 * (26 * 640 * 64**2 + 2 * 10 * 64**2 * 77) + 6 * 9 * (26 * 1280 * 32**2 + 2 * 20 * 32**2 * 77)
+    assert count() - count(transformer_layers_per_block=1) == extra
+    # plain attention keeps 2 heads N^2 of scores and probabilities per transformer block
+    plain = unet_activation_elements(SDXL_UNET, 128, 128, 77)
+    assert plain - count() == 5 * 2 * 2 * 10 * (64**2) ** 2 + 6 * 10 * 2 * 20 * (32**2) ** 2
+    # checkpointed: inputs of blocks, and the largest recomputed internals (one of the 32x32 blocks) once
+    checkpointed = unet_activation_elements(SDXL_UNET, 128, 128, 77, checkpointing=True, efficient_attention=True)
+    assert checkpointed < count() / 5
 
 
-def test_memory_estimate_matches_docs_for_sd3():
-    """docs/memory.md's SD3 activation rows come from memory_estimate for SD3 medium at 1024 (128x128
-    latents, 77 CLIP + 77 T5 tokens)."""
-    from memory_estimate import transformer_activation_elements
+def test_print_memory_estimate_counts_what_the_trainer_keeps_on_the_gpu(tiny_sdxl, instance_dir, tmp_path,
+                                                                       monkeypatch):
+    """SDXL LoRA: the frozen UNet stays (fp32); both frozen text encoders, and the VAE when latents are
+    cached (--center_crop: no random crop to lose), are parked; start-up holds every part in fp32;
+    validation brings the parked parts back. Counted here from the tiny model's own folders."""
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
+    from ppdiffusers.models.attention_processor import Attention
+    from ppdiffusers.transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    sd3 = dict(patch_size=2, num_attention_heads=24, attention_head_dim=64, num_layers=24)
-    with open(os.path.join(ROOT, "docs", "memory.md"), encoding="utf-8") as f:
-        doc = f.read().split("## Stable Diffusion 3")[1]
-    rows = [({}, "| plain attention (scores kept) |"),
-            ({"efficient_attention": True}, "| memory-efficient attention |"),
-            ({"checkpointing": True}, "| `--gradient_checkpointing`, plain attention |"),
-            ({"checkpointing": True, "efficient_attention": True},
-             "| `--gradient_checkpointing` + memory-efficient attention |")]
-    for flags, row in rows:
-        gib = 4 * transformer_activation_elements(sd3, 128, 128, 154, **flags) / 2**30
-        assert f"{row} ~{gib:.1f} GiB | ~{gib / 2:.1f} GiB |" in doc, row
+    import memory_estimate
+    from conftest import run_train, train_args
+
+    count = lambda model: sum(int(p.numel()) for p in model.parameters())  # noqa: E731
+    unet_model = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    unet, vae = count(unet_model), count(AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae"))
+    text = count(CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder")) + count(
+        CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2"))
+    lora = sum(4 * sum(layer.get_sublayer(name).weight.shape) for layer in unet_model.sublayers()
+               if isinstance(layer, Attention) for name in ("to_q", "to_k", "to_v", "to_out.0"))
+    for flags, vae_parked in [(["--center_crop"], True), ([], False)]:
+        logged = []
+        monkeypatch.setattr(memory_estimate, "log_estimate", lambda log, rows, note: logged.extend(rows))
+        run_train(*train_args(tiny_sdxl, instance_dir, tmp_path / str(vae_parked), "--print_memory_estimate",
+                              "--use_lora", "--max_train_steps", 1, *flags))
+        rows = {label.split(" (")[0].split(":")[0]: size for label, size in logged}
+        assert rows["trained weights, fp32"] == 4 * lora and rows["AdamW states, 2 x fp32"] == 8 * lora
+        assert rows["frozen UNet base under LoRA, fp32"] == 4 * unet
+        assert not [label for label in rows if "text_encoder" in label], rows  # parked
+        assert rows.get("frozen VAE, fp32") == (None if vae_parked else 4 * vae), rows
+        assert rows["start-up"] == 4 * (unet + lora + text + vae)
+        assert rows["validation and diagnostics bring the parked parts back"] == 4 * (text + vae_parked * vae)
+        training = [size for label, size in logged
+                    if label.startswith(("trained", "frozen", "gradients", "AdamW", "UNet activations"))]
+        assert len(training) == 6 - vae_parked and rows["total while training"] == sum(training)
 
 
 def test_print_memory_estimate_logs_the_loaded_model(tiny_model, instance_dir, tmp_path, capsys):
