@@ -201,6 +201,10 @@ BUGS = [
         "time_ids = paddle.to_tensor(np.asarray([(g.original_height, g.original_width, 0, 0, g.height, g.width) "
         "for g in geometry], dtype=np.float32))",
         [SDXL, "-k", "add_time_ids"]),
+    Bug("sdxl_read_layer_frozen", "SDXL's --train_text_encoder freezes the first encoder's penultimate layer, whose "
+        "output the conditioning reads, instead of its last", F,
+        "last = text_encoder.config.num_hidden_layers - 1  #", "last = text_encoder.config.num_hidden_layers - 2  #",
+        [SDXL, "-k", "only_the_vae_is_untouched"]),
     Bug("sd3_target_sign_flipped", "SD3 trains against latents - noise instead of the flow's velocity noise - "
         "latents", SD3_FAMILY,
         "return (1.0 - s) * latents + s * noise, noise - latents",
@@ -218,6 +222,14 @@ BUGS = [
         "weight is never applied", F,
         'weight = family_sd3.loss_weighting(self.weighting["scheme"], sigmas[index])',
         "weight = np.ones(len(index))",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_sigma_sqrt_weight_wrong", "--weighting_scheme sigma_sqrt weights the loss by 1 / sigma instead of "
+        "1 / sigma^2", SD3_FAMILY, "        return sigmas ** -2.0\n", "        return sigmas ** -1.0\n",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_density_flags_ignored", "--logit_mean, --logit_std and --mode_scale parsed but the time density uses "
+        "the defaults", F,
+        "logit_mean=args.logit_mean, logit_std=args.logit_std,\n                              mode_scale=args.mode_scale)",
+        "logit_mean=0.0, logit_std=1.0,\n                              mode_scale=1.29)",
         [SD3, "-k", "first_update"]),
     Bug("sd3_sigma_not_keyed", "SD3's noise level drawn from NumPy's global RNG, not the sample's keyed stream "
         "as its noise is", F,
