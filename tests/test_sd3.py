@@ -308,7 +308,8 @@ def test_full_run_loads_generates_and_changes_only_what_it_trains(tiny_sd3, inst
     assert {n: os.stat(tmp / "class" / n).st_mtime_ns for n in os.listdir(tmp / "class")} == stamps
 
 
-def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, scheme):
+def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, scheme, logit_mean=0.0, logit_std=1.0,
+                              mode_scale=1.29):
     """Rebuild update 1's batch from the trainer's documented randomness (streams keyed by seed, epoch
     and sample; the noise level drawn after the noise from the same stream) and recompute its
     flow-matching loss with NumPy, the base models and the pipeline's own prompt encoding."""
@@ -340,10 +341,10 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, sche
             eps = rng.standard_normal((4, 8, 8), dtype=np.float32)
             noise = rng.standard_normal((4, 8, 8), dtype=np.float32).astype(np.float64)
             if scheme == "logit_normal":
-                u = 1 / (1 + np.exp(-rng.normal(0.0, 1.0)))
+                u = 1 / (1 + np.exp(-rng.normal(logit_mean, logit_std)))
             elif scheme == "mode":
                 u = rng.random()
-                u = 1 - u - 1.29 * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
+                u = 1 - u - mode_scale * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
             else:
                 u = rng.random()
             s = (1000 - int(u * 1000)) / 1000  # the schedule runs from sigma 1 down
@@ -361,19 +362,22 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, sche
     return losses[0] + prior_weight * losses[1]
 
 
-@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "cosmap"])
+@pytest.mark.parametrize("scheme, density", [
+    ("none", {}), ("logit_normal", {}), ("logit_normal", dict(logit_mean=0.4, logit_std=1.3)), ("mode", {}),
+    ("mode", dict(mode_scale=0.8)), ("cosmap", {}), ("sigma_sqrt", {})])
 def test_logged_loss_of_first_update_matches_an_independent_flow_matching_computation(
-        tiny_sd3, instance_dir, sd3_class_dir, tmp_path, scheme):
+        tiny_sd3, instance_dir, sd3_class_dir, tmp_path, scheme, density):
+    """Each --weighting_scheme, with its density's defaults and with --logit_mean/--logit_std/--mode_scale given."""
     from conftest import CLASS_PROMPT, logged_scalars, run_train, train_args
 
     out = tmp_path / "out"
     run_train(*train_args(tiny_sd3, instance_dir, out, "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
                           "--class_data_dir", sd3_class_dir, "--num_class_images", 3, "--prior_loss_weight", 0.7,
                           "--max_train_steps", 1, "--center_crop", "--weighting_scheme", scheme,
-                          "--diagnostics_steps", 0))
+                          "--diagnostics_steps", 0, *[x for k, v in density.items() for x in (f"--{k}", v)]))
     logged = logged_scalars(out, "train/loss")[1]
-    assert logged == pytest.approx(first_update_loss_by_hand(tiny_sd3, instance_dir, sd3_class_dir, 0.7, scheme),
-                                   rel=1e-4)
+    assert logged == pytest.approx(first_update_loss_by_hand(tiny_sd3, instance_dir, sd3_class_dir, 0.7, scheme,
+                                                             **density), rel=1e-4)
 
 
 def test_accumulation_equals_the_larger_batch_and_checkpointing_changes_nothing(sd3_run):

@@ -6,19 +6,24 @@ tests meant to catch each one fail.
     python tools/deliberate_bugs.py --list          # the bugs and their test selections
     python tools/deliberate_bugs.py --only NAME ... # some of them
     python tools/deliberate_bugs.py --write         # also write docs/deliberate_bugs.md
+    python tools/deliberate_bugs.py --only NAME ... --write  # update just those rows of it
+    python tools/deliberate_bugs.py --check         # seconds: does every bug still apply? (CI runs this)
 
 A bug is a snippet of a tracked file and its replacement. The snippet must occur exactly once:
 when a refactor moves or rewrites the code, the script says which bug no longer applies (and
 exits 1) instead of silently testing nothing. A bug counts as caught only when its pytest
 selection runs and at least one test fails (exit status 1); a selection that collects nothing
-or does not import is reported as an error, not as caught.
+or does not import is reported as an error, not as caught. --check verifies only that much (each
+snippet occurs once, each selection collects a test) without running anything, and is in CI.
 
-Not part of CI (it runs each selection once per bug, minutes in all): run it before claiming that
-the tests guard the behaviours below, and after refactoring the code they name.
+The full run is not part of CI (it runs each selection once per bug, minutes in all): run it before
+claiming that the tests guard the behaviours below, and after refactoring the code they name.
 """
 import argparse
+import concurrent.futures
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +55,8 @@ BLIND = "tests/test_blind_spots.py"
 MULTI = "tests/test_multi_process.py"
 FAULTS = "tests/test_faults.py"
 SDXL = "tests/test_sdxl.py"
+SD3 = "tests/test_sd3.py"
+SD3_FAMILY = "family_sd3.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -60,9 +67,8 @@ BUGS = [
         'if prediction_type == "v_prediction" \\\n            else noise',
         'if prediction_type != "v_prediction" \\\n            else noise',
         [NUMERICS, "-k", "first_update"]),
-    Bug("latent_scale_dropped", "latents not multiplied by the VAE's scaling_factor", T,
-        'latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"]))) * vae_scale',
-        'latents = (mean + std * paddle.to_tensor(np.stack(batch["eps"])))',
+    Bug("latent_scale_dropped", "latents not multiplied by the VAE's scaling_factor", F,
+        "    return sample * vae_config.scaling_factor", "    return sample",
         [NUMERICS, "-k", "first_update"]),
     Bug("prior_loss_weight_ignored", "the class loss is added with weight 1 whatever --prior_loss_weight", T,
         "loss = loss + args.prior_loss_weight * per_sample[num_instance:].mean()",
@@ -108,9 +114,9 @@ BUGS = [
     Bug("lora_alpha_not_folded", "the saved LoRA lacks the alpha / rank scale the trained model used", T,
         "scale = args.lora_alpha / args.lora_rank", "scale = 1.0",
         ["tests/test_lora.py", "-k", "trained_model_own_outputs"]),
-    Bug("lora_alpha_folded_twice", "alpha / rank folded into the down and the up weights", T,
-        'return {k: v * scale if ".up." in k else v for k, v in state.items()}',
-        "return {k: v * scale for k, v in state.items()}",
+    Bug("lora_alpha_folded_twice", "alpha / rank folded into the down and the up weights", F,
+        'return {k.removeprefix("unet."): v * (alpha / rank) if ".up." in k else v',
+        'return {k.removeprefix("unet."): v * (alpha / rank)',
         ["tests/test_lora.py", "-k", "trained_model_own_outputs"]),
     Bug("random_crop_always_centered", "uncached training crops the center instead of a random window", T,
         "box = crop_box(self.image, args.height, args.width, not self.random_crop, rng)",
@@ -182,6 +188,53 @@ BUGS = [
         "second's lora_te1_", "export_single_file.py",
         'lora_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}',
         'lora_text_prefixes={"text_encoder": "lora_te2_", "text_encoder_2": "lora_te1_"}', [SDXL, "-k", "kohya"]),
+    Bug("sdxl_pooled_from_first_encoder", "SDXL's pooled prompt embedding taken from the first encoder's pooled "
+        "output instead of the second encoder's projection", F,
+        '"pooled_prompt_embeds": outputs[-1][0]}', '"pooled_prompt_embeds": outputs[0][1]}',
+        [SDXL, "-k", "first_loss"]),
+    Bug("sdxl_last_hidden_state", "SDXL conditioned on the encoders' last hidden states, not the penultimate", F,
+        'paddle.concat([out.hidden_states[-2] for out in outputs], axis=-1)',
+        'paddle.concat([out.hidden_states[-1] for out in outputs], axis=-1)',
+        [SDXL, "-k", "first_loss"]),
+    Bug("sdxl_time_ids_ignore_crop", "SDXL's add_time_ids say crop (0, 0) whatever crop was made", F,
+        "time_ids = paddle.to_tensor(np.asarray(geometry, dtype=np.float32))",
+        "time_ids = paddle.to_tensor(np.asarray([(g.original_height, g.original_width, 0, 0, g.height, g.width) "
+        "for g in geometry], dtype=np.float32))",
+        [SDXL, "-k", "add_time_ids"]),
+    Bug("sdxl_read_layer_frozen", "SDXL's --train_text_encoder freezes the first encoder's penultimate layer, whose "
+        "output the conditioning reads, instead of its last", F,
+        "last = text_encoder.config.num_hidden_layers - 1  #", "last = text_encoder.config.num_hidden_layers - 2  #",
+        [SDXL, "-k", "only_the_vae_is_untouched"]),
+    Bug("sd3_target_sign_flipped", "SD3 trains against latents - noise instead of the flow's velocity noise - "
+        "latents", SD3_FAMILY,
+        "return (1.0 - s) * latents + s * noise, noise - latents",
+        "return (1.0 - s) * latents + s * noise, latents - noise",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_vae_shift_dropped", "SD3's latents not shifted by the VAE's shift_factor", F,
+        "        sample = sample - vae_config.shift_factor\n", "        sample = sample\n",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_schedule_shift_ignored", "SD3 trains on the unshifted sigmas instead of the scheduler's shifted "
+        "schedule", SD3_FAMILY,
+        "    sigmas = np.asarray(scheduler.sigmas.numpy(), dtype=np.float64)[:len(timesteps)]\n",
+        "    sigmas = np.arange(len(timesteps), 0, -1) / len(timesteps)\n    timesteps = sigmas * len(timesteps)\n",
+        [SD3, "-k", "shifted_one or first_update"]),
+    Bug("sd3_loss_weighting_not_applied", "--weighting_scheme cosmap / sigma_sqrt draws the times but its loss "
+        "weight is never applied", F,
+        'weight = family_sd3.loss_weighting(self.weighting["scheme"], sigmas[index])',
+        "weight = np.ones(len(index))",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_sigma_sqrt_weight_wrong", "--weighting_scheme sigma_sqrt weights the loss by 1 / sigma instead of "
+        "1 / sigma^2", SD3_FAMILY, "        return sigmas ** -2.0\n", "        return sigmas ** -1.0\n",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_density_flags_ignored", "--logit_mean, --logit_std and --mode_scale parsed but the time density uses "
+        "the defaults", F,
+        "logit_mean=args.logit_mean, logit_std=args.logit_std,\n                              mode_scale=args.mode_scale)",
+        "logit_mean=0.0, logit_std=1.0,\n                              mode_scale=1.29)",
+        [SD3, "-k", "first_update"]),
+    Bug("sd3_sigma_not_keyed", "SD3's noise level drawn from NumPy's global RNG, not the sample's keyed stream "
+        "as its noise is", F,
+        "return family_sd3.draw_schedule_index(rng, ", "return family_sd3.draw_schedule_index(np.random, ",
+        [SD3, "-k", "first_update"]),
     Bug("validation_rng_not_restored", "validation leaves Paddle's RNG where its sampling left it", T,
         "            model.train(mode)\n        paddle.set_rng_state(rng)\n",
         "            model.train(mode)\n",
@@ -250,17 +303,27 @@ def scratch_copy(files):
     return folder
 
 
-def apply(bug, folder):
-    """Write the bug into the copy; returns None, or why it cannot be applied."""
+def snippet_problem(bug, folder):
+    """None if the bug's snippet occurs exactly once in its file under folder, else why not."""
     path = os.path.join(folder, bug.file)
     if not os.path.isfile(path):
         return f"{bug.file} does not exist"
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    count = text.count(bug.original)
+        count = f.read().count(bug.original)
     if count != 1:
         where = "no longer occurs" if count == 0 else f"occurs {count} times"
         return f"its snippet {where} in {bug.file}; update the bug in tools/deliberate_bugs.py to the code's new form"
+    return None
+
+
+def apply(bug, folder):
+    """Write the bug into the copy; returns None, or why it cannot be applied."""
+    problem = snippet_problem(bug, folder)
+    if problem:
+        return problem
+    path = os.path.join(folder, bug.file)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     with open(path, "w", encoding="utf-8") as f:
         f.write(text.replace(bug.original, bug.replacement))
     return None
@@ -275,9 +338,7 @@ def run_bug(bug, files, timeout):
         problem = apply(bug, folder) if bug.original else None
         if problem:
             return f"error: {problem}", 0.0, ""
-        # Some tests start `python`: make it this interpreter, activated or not.
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
-                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        env = pytest_env()
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                "--basetemp", os.path.join(folder, ".pytest-tmp"), *bug.tests]
         try:
@@ -294,17 +355,91 @@ def run_bug(bug, files, timeout):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def markdown(rows, date):
+def pytest_env():
+    # Some tests start `python`: make it this interpreter, activated or not.
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
+                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+
+def collection_problem(tests, folder):
+    """None if the pytest selection collects at least one test in folder, else why not."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=folder, env=pytest_env(), capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    if proc.returncode == 5:
+        return "collects no test"
+    last = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+    return f"does not collect (pytest exit status {proc.returncode}: {' '.join(last)})"
+
+
+def check(bugs, folder=ROOT):
+    """Without running a test: one line for each bug whose snippet does not occur exactly once, or whose
+    test selection collects no test (or does not import). Each distinct selection is collected once."""
+    selections = {tuple(b.tests) for b in bugs}
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        collected = dict(zip(selections, pool.map(lambda tests: collection_problem(tests, folder), selections)))
+    problems = []
+    for bug in bugs:
+        problem = snippet_problem(bug, folder)
+        if problem is None and collected[tuple(bug.tests)]:
+            problem = f"its tests `{bug.selection()}` {collected[tuple(bug.tests)]}"
+        if problem:
+            problems.append(f"{bug.name}: {problem}")
+    return problems
+
+
+# A row of the report: | `name` | what | `selection` | verdict | seconds | date |  (older reports: no date)
+ROW = re.compile(r"^\| `(?P<name>[^`]+)` \| .* \| `(?P<selection>[^`]*)` \| (?P<verdict>[^|]+?) \| "
+                 r"(?P<seconds>[^|]*?) \|(?: (?P<date>[^|]*?) \|)?$")
+GENERATED_ON = re.compile(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)")
+
+
+def read_report(path):
+    """{name: (selection, verdict, seconds, date)} from an earlier report; {} if there is none."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    generated = GENERATED_ON.search(text)  # the date of every row in a report without a date column
+    rows = {}
+    for line in text.splitlines():
+        m = ROW.match(line)
+        if m and m["verdict"] != "not run":
+            rows[m["name"]] = (m["selection"], m["verdict"], m["seconds"],
+                               m["date"] or (generated.group(1) if generated else "?"))
+    return rows
+
+
+def report_rows(bugs, results, earlier):
+    """One row per bug of the script, in its order: this run's result, else the earlier report's when it was
+    run with the same test selection, else "not run". Rows of bugs no longer in the script are dropped."""
+    rows = []
+    for bug in bugs:
+        if bug.name in results:
+            rows.append((bug,) + results[bug.name])
+        elif bug.name in earlier and earlier[bug.name][0] == bug.selection():
+            rows.append((bug,) + earlier[bug.name][1:])
+        else:
+            rows.append((bug, "not run", "", ""))
+    return rows
+
+
+def markdown(rows):
     lines = ["# Deliberate bugs and the tests that catch them", "",
-             "Generated by `python tools/deliberate_bugs.py --write` on " + date + ". Each bug is applied alone to "
-             "a scratch copy of the repository and its test selection is run there; *caught* means at least one "
-             "of those tests failed. The bugs themselves (file, snippet, replacement) are listed in "
-             "`tools/deliberate_bugs.py`.", "",
-             "| bug | what it breaks | tests run | caught? | seconds |", "|---|---|---|---|---|"]
-    for bug, verdict, seconds, _ in rows:
-        lines.append(f"| `{bug.name}` | {bug.what} | `{bug.selection()}` | {verdict} | {seconds:.0f} |")
-    caught = sum(v == "caught" for _, v, _, _ in rows)
-    lines += ["", f"{caught} of {len(rows)} bugs caught.", ""]
+             "Generated by `python tools/deliberate_bugs.py --write` (all bugs) or `--only NAME ... --write` (just "
+             "those rows; each row gives the date it was run). Each bug is applied alone to a scratch copy of the "
+             "repository and its test selection is run there; *caught* means at least one of those tests failed. "
+             "The bugs themselves (file, snippet, replacement) are listed in `tools/deliberate_bugs.py`.", "",
+             "| bug | what it breaks | tests run | caught? | seconds | run on |", "|---|---|---|---|---|---|"]
+    for bug, verdict, seconds, date in rows:
+        lines.append(f"| `{bug.name}` | {bug.what} | `{bug.selection()}` | {verdict} | {seconds} | {date} |")
+    ran = [v for _, v, _, _ in rows if v != "not run"]
+    caught = sum(v == "caught" for v in ran)
+    not_run = len(rows) - len(ran)
+    summary = (f"{caught} of {len(ran)} bugs caught." if not not_run else
+               f"{caught} of {len(ran)} run bugs caught; {not_run} not run.")
+    lines += ["", summary, ""]
     return "\n".join(lines)
 
 
@@ -312,7 +447,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--list", action="store_true", help="List the bugs and their tests, run nothing.")
     p.add_argument("--only", nargs="+", metavar="NAME", help="Run only these bugs.")
-    p.add_argument("--write", action="store_true", help=f"Write the results to {REPORT}.")
+    p.add_argument("--check", action="store_true",
+                   help="Run no test: check that every bug's snippet occurs once in its file and that its test "
+                        "selection collects a test; exit 1 with one line per bug that does not.")
+    p.add_argument("--write", action="store_true",
+                   help=f"Write the results to {REPORT}; with --only, update just those bugs' rows.")
     p.add_argument("--timeout", type=int, default=900, help="Seconds allowed per bug's tests.")
     p.add_argument("-v", "--verbose", action="store_true", help="Show pytest's last lines for every bug.")
     p.add_argument("--baseline", action="store_true",
@@ -328,6 +467,14 @@ def main(argv=None):
     if args.list:
         for bug in bugs:
             print(f"{bug.name:45} {bug.file:22} {bug.selection()}\n    {bug.what}")
+        return 0
+    if args.check:
+        problems = check(bugs)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return 1
+        print(f"all {len(bugs)} bugs apply and their tests collect")
         return 0
     files = tracked_files()
     if args.baseline:
@@ -351,8 +498,11 @@ def main(argv=None):
             print("    " + tail.replace("\n", "\n    "), flush=True)
     if args.write:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(os.path.join(ROOT, REPORT), "w", encoding="utf-8") as f:
-            f.write(markdown(rows, date))
+        results = {bug.name: (verdict, f"{seconds:.0f}", date) for bug, verdict, seconds, _ in rows}
+        report = os.path.join(ROOT, REPORT)
+        table = report_rows(BUGS, results, read_report(report) if args.only else {})
+        with open(report, "w", encoding="utf-8") as f:
+            f.write(markdown(table))
         print(f"wrote {REPORT}")
     missed = [b.name for b, v, _, _ in rows if v != "caught"]
     if missed:
