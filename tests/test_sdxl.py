@@ -275,6 +275,21 @@ def test_an_unsupported_pipeline_class_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl"])
+def test_only_sd3_puts_its_attention_fallback_into_paddle(request, model, instance_dir, tmp_path):
+    """The plain attention is SD3's repair for builds without ppdiffusers' kernel: an SD or SDXL run leaves
+    paddle.nn.functional.scaled_dot_product_attention_ as it was (absent on a CPU build, ppdiffusers' own
+    kernel elsewhere), so nothing else in the process takes the fallback for a fused kernel. Order
+    matters here: run after an SD3 test, this passes only because conftest takes the fallback away."""
+    import paddle.nn.functional as F
+
+    import family_sd3
+
+    run_train(*train_args(request.getfixturevalue(model), instance_dir, tmp_path / "out", "--max_train_steps", 1,
+                          "--diagnostics_steps", 0))
+    assert getattr(F, "scaled_dot_product_attention_", None) is not family_sd3.plain_attention
+
+
 def test_a_separate_vae_trains_and_is_saved_with_the_result(tiny_model, tiny_sdxl, instance_dir, tmp_path):
     """--pretrained_vae_model_name_or_path (here the tiny SDXL's VAE under the tiny SD): the saved
     pipeline holds that VAE, and a VAE folder that does not load is one line."""
