@@ -358,7 +358,7 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, sche
     return losses[0] + prior_weight * losses[1]
 
 
-@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "cosmap"])
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"])
 def test_logged_loss_of_first_update_matches_an_independent_flow_matching_computation(
         tiny_sd3, instance_dir, sd3_class_dir, tmp_path, scheme):
     from conftest import CLASS_PROMPT, logged_scalars, run_train, train_args
@@ -400,19 +400,6 @@ def test_two_processes_equal_one_process(tiny_sd3, instance_dir, sd3_run, tmp_pa
     one = sd3_run("--train_batch_size", 2, *common)
     assert largest_difference(component_weights(tmp_path / "two", "transformer"),
                               component_weights(one, "transformer")) <= 1e-5
-
-
-def test_resumed_run_equals_the_uninterrupted_one(tiny_sd3, instance_dir, sd3_run, tmp_path):
-    from conftest import run_train, train_args
-
-    common = ["--save_steps", 2, "--diagnostics_steps", 0, "--weighting_scheme", "logit_normal"]
-    uninterrupted = sd3_run("--max_train_steps", 4, *common)
-    out = tmp_path / "out"
-    run_train(*train_args(tiny_sd3, instance_dir, out, "--max_train_steps", 2, *common))
-    run_train(*train_args(tiny_sd3, instance_dir, out, "--max_train_steps", 4, *common,
-                          "--resume_from_checkpoint", out / "checkpoint-2"))
-    assert largest_difference(component_weights(out, "transformer"),
-                              component_weights(uninterrupted, "transformer")) <= 1e-6
 
 
 def lora_reference(model_dir, state_file, rank, alpha):
