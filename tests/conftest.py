@@ -39,6 +39,37 @@ def tiny_sdxl(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny random SD3 pipeline folder (tiny_sd.py --family sd3), built once per test session.
+    Building it runs no attention; what runs the models installs the attention fallback itself."""
+    from tiny_sd import save_tiny_sd3_pipeline
+
+    out = str(tmp_path_factory.mktemp("tiny_sd3"))
+    save_tiny_sd3_pipeline(out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_attention_fallback():
+    """SD3 runs install family_sd3.plain_attention as paddle.nn.functional.scaled_dot_product_attention_
+    for the rest of the process (what a user's run needs). In a test session that would reach every
+    later test; this puts back what was there before the test (ppdiffusers' own kernel, or nothing),
+    so no test depends on which SD3 tests ran before it."""
+    name = "scaled_dot_product_attention_"
+    functional = sys.modules.get("paddle.nn.functional")
+    before = getattr(functional, name, None)
+    yield
+    functional = sys.modules.get("paddle.nn.functional")
+    family_sd3 = sys.modules.get("family_sd3")
+    if functional is None or family_sd3 is None or getattr(functional, name, None) is not family_sd3.plain_attention:
+        return
+    if before is None:
+        delattr(functional, name)
+    else:
+        setattr(functional, name, before)
+
+
 def make_images(folder, n=4, size=(72, 64), seed=0, ext="png"):
     """n random RGB images of size (width, height) in folder; returns the folder."""
     os.makedirs(folder, exist_ok=True)
@@ -95,12 +126,13 @@ def load_weights(folder, component="unet"):
     return load_file(os.path.join(sub, files[0]))
 
 
-def assert_same_weights(a, b, atol):
-    """The UNets saved in two pipeline folders agree to atol."""
-    wa, wb = load_weights(a), load_weights(b)
-    assert wa.keys() == wb.keys()
-    worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst <= atol, f"largest weight difference {worst}"
+def assert_same_weights(a, b, atol, components=("unet",)):
+    """The components (by default the UNet) saved in two pipeline folders agree to atol."""
+    for component in components:
+        wa, wb = load_weights(a, component), load_weights(b, component)
+        assert wa.keys() == wb.keys()
+        worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+        assert worst <= atol, f"{component}: largest weight difference {worst}"
 
 
 def logged_scalars(output_dir, tag, logging_dir="logs"):

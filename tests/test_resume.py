@@ -14,11 +14,43 @@ from conftest import ROOT, assert_same_weights, logged_scalars, run_train, train
 STEPS = 24
 
 
+# Per family: the tiny model's fixture, the run's own flags, and what it trains. SDXL and SD3 train their
+# text encoders too (their optimizer states and the checkpoint's encoders must come back); SD3 draws its
+# noise levels from the logit-normal density.
+FAMILIES = {
+    "sd": ("tiny_model", [], ("unet",)),
+    "sdxl": ("tiny_sdxl", ["--train_text_encoder"], ("unet", "text_encoder", "text_encoder_2")),
+    "sd3": ("tiny_sd3", ["--train_text_encoder", "--weighting_scheme", "logit_normal", "--diagnostics_steps", 0],
+            ("transformer", "text_encoder", "text_encoder_2")),
+}
+
+
+def family_args(request, family, instance_dir, out):
+    fixture, flags, _ = FAMILIES[family]
+    return train_args(request.getfixturevalue(fixture), instance_dir, out, "--max_train_steps", STEPS,
+                      "--save_steps", 4, *flags)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model, instance_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", STEPS, "--save_steps", 4))
-    return out
+def uninterrupted_runs(tmp_path_factory):
+    """{family: output folder of its uninterrupted run}, filled as the tests ask."""
+    return {}
+
+
+@pytest.fixture
+def uninterrupted_run(request, instance_dir, tmp_path_factory, uninterrupted_runs):
+    def run(family):
+        if family not in uninterrupted_runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{family}")
+            run_train(*family_args(request, family, instance_dir, out))
+            uninterrupted_runs[family] = out
+        return uninterrupted_runs[family]
+    return run
+
+
+@pytest.fixture
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run("sd")
 
 
 def start_training(argv):
@@ -34,18 +66,22 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
-def test_kill_9_then_resume_latest_gives_the_uninterrupted_weights(tiny_model, instance_dir, tmp_path,
-                                                                    uninterrupted):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kill_9_then_resume_latest_gives_the_uninterrupted_weights(request, family, instance_dir, tmp_path,
+                                                                    uninterrupted_run, capsys):
     out = tmp_path / "out"
-    argv = train_args(tiny_model, instance_dir, out, "--max_train_steps", STEPS, "--save_steps", 4)
+    argv = family_args(request, family, instance_dir, out)
     proc = start_training(argv)
     wait_for(out / "checkpoint-8", proc)
     time.sleep(np.random.default_rng().uniform(0, 0.5))  # somewhere after that checkpoint
     proc.kill()
     proc.wait()
     assert not os.path.exists(out / "model_index.json"), "the run finished before it could be killed"
+    capsys.readouterr()
     run_train(*argv, "--resume_from_checkpoint", "latest")
-    assert_same_weights(out, uninterrupted, atol=1e-6)
+    resumed_at = int(capsys.readouterr().out.split(" at update ")[1].split()[0])
+    assert 8 <= resumed_at < STEPS  # a resume, not a fresh start, which would give the same weights
+    assert_same_weights(out, uninterrupted_run(family), atol=1e-6, components=FAMILIES[family][2])
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tiny_model, instance_dir, tmp_path, uninterrupted):

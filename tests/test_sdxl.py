@@ -97,24 +97,24 @@ def test_resume_gives_the_uninterrupted_weights_and_generates_no_class_image_aga
 
 @pytest.fixture(scope="module")
 def batch_of_two(tiny_sdxl, instance_dir, tmp_path_factory):
-    """One gradient-like update of the UNet and both encoders at batch 2: what accumulation and two
-    processes must reproduce."""
+    """Two gradient-like updates of the UNet and both encoders at batch 2 (the second batch's samples are
+    keyed by their place in the epoch): what accumulation and two processes must reproduce."""
     out = tmp_path_factory.mktemp("sdxl-batch2")
     run_train(*train_args(tiny_sdxl, instance_dir, out, "--train_text_encoder", "--train_batch_size", 2,
-                          "--max_train_steps", 1, *GRADIENT_LIKE))
+                          "--max_train_steps", 2, *GRADIENT_LIKE))
     return out
 
 
 def test_accumulation_equals_the_larger_batch(tiny_sdxl, instance_dir, batch_of_two, tmp_path):
     run_train(*train_args(tiny_sdxl, instance_dir, tmp_path, "--train_text_encoder", "--train_batch_size", 1,
-                          "--gradient_accumulation_steps", 2, "--max_train_steps", 1, *GRADIENT_LIKE))
+                          "--gradient_accumulation_steps", 2, "--max_train_steps", 2, *GRADIENT_LIKE))
     assert_same(tmp_path, batch_of_two, atol=1e-5)
 
 
 def test_two_processes_equal_one_process(tiny_sdxl, instance_dir, batch_of_two, tmp_path):
     """Both encoders are trained under DataParallel, the first one's last layer without a gradient
     (SDXL reads its penultimate layer)."""
-    args = train_args(tiny_sdxl, instance_dir, tmp_path / "two", "--train_text_encoder", "--max_train_steps", 1,
+    args = train_args(tiny_sdxl, instance_dir, tmp_path / "two", "--train_text_encoder", "--max_train_steps", 2,
                       *GRADIENT_LIKE)
     result = run_cli([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
                       str(tmp_path / "log"), "train_dreambooth.py", *args])
@@ -285,6 +285,21 @@ def test_an_unsupported_pipeline_class_is_one_line(tmp_path):
                                                                "StableDiffusionXLPipeline"):
         run_train(*train_args(tmp_path / "model", instance, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl"])
+def test_only_sd3_puts_its_attention_fallback_into_paddle(request, model, instance_dir, tmp_path):
+    """The plain attention is SD3's repair for builds without ppdiffusers' kernel: an SD or SDXL run leaves
+    paddle.nn.functional.scaled_dot_product_attention_ as it was (absent on a CPU build, ppdiffusers' own
+    kernel elsewhere), so nothing else in the process takes the fallback for a fused kernel. Order
+    matters here: run after an SD3 test, this passes only because conftest takes the fallback away."""
+    import paddle.nn.functional as F
+
+    import family_sd3
+
+    run_train(*train_args(request.getfixturevalue(model), instance_dir, tmp_path / "out", "--max_train_steps", 1,
+                          "--diagnostics_steps", 0))
+    assert getattr(F, "scaled_dot_product_attention_", None) is not family_sd3.plain_attention
 
 
 def test_a_separate_vae_trains_and_is_saved_with_the_result(tiny_model, tiny_sdxl, instance_dir, tmp_path):

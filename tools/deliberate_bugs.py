@@ -57,6 +57,7 @@ FAULTS = "tests/test_faults.py"
 SDXL = "tests/test_sdxl.py"
 SD3 = "tests/test_sd3.py"
 SD3_FAMILY = "family_sd3.py"
+RESUME = "tests/test_resume.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -285,6 +286,12 @@ BUGS = [
     Bug("parked_models_counted_on_gpu", "the memory estimate counts the parked text encoders and VAE as on the "
         "GPU while training", "memory_estimate.py", "        if frozen and not part.parked:", "        if frozen:",
         ["tests/test_bench.py", "-k", "keeps_on_the_gpu"]),
+    # SD 1.x has one text encoder, so only SDXL's and SD3's resume can take the second one from the base.
+    Bug("resume_takes_only_the_first_text_encoder", "a full fine-tune resumed with --train_text_encoder takes "
+        "text_encoder from the checkpoint but the second one (SDXL, SD3) from the base model", F,
+        "args.train_text_encoder and name in self.trained_text_encoders",
+        'args.train_text_encoder and name == "text_encoder"',
+        [RESUME, "-k", "kill_9_then and (sdxl or sd3)"]),
 ]
 
 
