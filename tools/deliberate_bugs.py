@@ -50,6 +50,7 @@ BLIND = "tests/test_blind_spots.py"
 MULTI = "tests/test_multi_process.py"
 FAULTS = "tests/test_faults.py"
 SDXL = "tests/test_sdxl.py"
+BENCH, BENCH_TESTS = "bench/benchmark.py", "tests/test_bench.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -232,6 +233,12 @@ BUGS = [
     Bug("parked_models_counted_on_gpu", "the memory estimate counts the parked text encoders and VAE as on the "
         "GPU while training", "memory_estimate.py", "        if frozen and not part.parked:", "        if frozen:",
         ["tests/test_bench.py", "-k", "keeps_on_the_gpu"]),
+    Bug("bench_floor_loss_not_mse", "the benchmark's floor computes another loss than the trainer's", BENCH,
+        'return ((pred - inputs["target"]) ** 2).mean()', 'return (pred - inputs["target"]).abs().mean()',
+        [BENCH_TESTS, "-k", "trainers_loss"]),
+    Bug("bench_floor_lora_without_out", "the benchmark's LoRA floor trains fewer adapters than --use_lora", BENCH,
+        "for linear in (layer.to_q, layer.to_k, layer.to_v, layer.to_out[0]):",
+        "for linear in (layer.to_q, layer.to_k, layer.to_v):", [BENCH_TESTS, "-k", "trainers_loss"]),
 ]
 
 
