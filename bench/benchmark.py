@@ -77,7 +77,6 @@ FAMILIES = {
                  markers=("<!-- benchmark-sdxl:begin -->", "<!-- benchmark-sdxl:end -->"), model=("small", 128),
                  quick=("tiny", 64, "full,LoRA")),
 }
-BEGIN, END = FAMILIES["sd"]["markers"]
 
 
 # ----------------------------------------------------------------------------------------------
