@@ -1,11 +1,16 @@
-"""The benchmark must keep working: its quick mode (tiny model, 3 updates, plain + floor)."""
+"""The benchmark must keep working: its quick mode (tiny model, 3 updates, plain + floor), for SD and
+SDXL, and its floor must compute what the trainer computes."""
 import os
 import re
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import PROMPT, ROOT, logged_scalars, run_cli, run_train, train_args
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
@@ -38,6 +43,72 @@ def test_benchmark_quick_prints_a_table_with_ratios(tmp_path):
         reference = [line for line in result.stdout.splitlines()
                      if line.startswith("| floor, batch 1, MKL_DEBUG_CPU_TYPE= (MKL's own code path")]
         assert len(reference) == 1 and float(reference[0].split("|")[2]) > 0, result.stdout
+
+
+def test_sdxl_benchmark_quick_gives_full_and_lora_against_their_floors(tmp_path):
+    with open(os.path.join(ROOT, "bench", "RESULTS.md"), encoding="utf-8") as f:
+        committed = f.read()
+    result = run_cli([sys.executable, "bench/benchmark.py", "--family", "sdxl", "--quick", "--work",
+                      str(tmp_path / "work")])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name, floor in (("full", "(batch 1)"), ("LoRA", "(batch 1, LoRA rank 4)")):
+        rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {name} |")]
+        assert len(rows) == 1, result.stdout
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert cells[4].endswith(floor), rows[0]  # each variant against its own floor
+        for ratio in cells[5:8]:
+            assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, rows[0]
+        period, floor_period = float(cells[2]), float(cells[4].split(",")[0])
+        assert float(cells[5]) == pytest.approx(period / floor_period, abs=period / floor_period * 0.03 + 0.005)
+    assert re.search(r"^\| floor, batch 1, LoRA rank 4, run 1 \| \d+\.\d+ \|", result.stdout, re.M), result.stdout
+    with open(os.path.join(ROOT, "bench", "RESULTS.md"), encoding="utf-8") as f:
+        assert f.read() == committed  # trying the benchmark leaves the committed results alone
+
+
+def test_sdxl_floor_computes_the_trainers_loss_on_the_trainers_batch(tiny_sdxl, instance_dir, tmp_path):
+    """The floor's update (random inputs of the trainer's shapes, the same LoRA) is the trainer's: fed the
+    batch the trainer drew for its first update, the floor's loss is the trainer's logged loss."""
+    import paddle
+    from ppdiffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    import benchmark
+    import families
+    import train_dreambooth as tdb
+
+    run_train(*train_args(tiny_sdxl, instance_dir, tmp_path / "out", "--use_lora", "--lora_rank",
+                          benchmark.LORA_RANK, "--center_crop", "--max_train_steps", 1))
+    logged = logged_scalars(tmp_path / "out", "train/loss")[1]
+
+    # The trainer's first batch, from its documented randomness (as tests/test_sdxl.py rebuilds it).
+    names = sorted(os.listdir(instance_dir))
+    item = np.random.default_rng([0, tdb.ORDER_STREAM, 0]).permutation(len(names))[0]
+    image = Image.open(os.path.join(instance_dir, names[item])).convert("RGB")  # 72x64: center crop 4 from the left
+    pixels = np.asarray(image.crop((4, 0, 68, 64)), np.float32).transpose(2, 0, 1) / 127.5 - 1
+    rng = np.random.default_rng([0, tdb.NOISE_STREAM, 0, 0, 0])
+    eps, noise = (rng.standard_normal((4, 8, 8), dtype=np.float32) for _ in range(2))
+    t = int(rng.integers(0, 1000))
+    alphas_cumprod = DDPMScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler").alphas_cumprod.numpy()
+    with paddle.no_grad():
+        posterior = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae").encode(
+            paddle.to_tensor(pixels[None])).latent_dist
+        latent = (posterior.mean.numpy()[0] + posterior.std.numpy()[0] * eps) * 0.13025
+        states, _, pooled, _ = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl).encode_prompt(
+            PROMPT, do_classifier_free_guidance=False)
+    noisy = np.sqrt(alphas_cumprod[t]) * latent + np.sqrt(1 - alphas_cumprod[t]) * noise
+    batch = dict(noisy=paddle.to_tensor(noisy[None].astype(np.float32)), timesteps=paddle.to_tensor([t]),
+                 states=states, text_embeds=pooled, target=paddle.to_tensor(noise[None]),
+                 time_ids=paddle.to_tensor([[64, 72, 0, 4, 64, 64]], dtype="float32"))
+
+    paddle.seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    trained = benchmark.floor_lora(unet, benchmark.LORA_RANK)
+    drawn = benchmark.floor_inputs(unet, tiny_sdxl, 1, 64, 64, np.random.default_rng(0))
+    assert {k: v.shape for k, v in drawn.items()} == {k: list(v.shape) for k, v in batch.items()}
+    assert float(benchmark.floor_loss(unet, batch)) == pytest.approx(logged, rel=1e-4)
+    # ... and it trains as many values as --use_lora does
+    reference = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    assert sum(int(p.numel()) for p in trained) == families.add_attention_lora(
+        reference, families.SD.lora_projections, benchmark.LORA_RANK, benchmark.LORA_RANK)
 
 
 SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, attention_head_dim=[5, 10, 20],

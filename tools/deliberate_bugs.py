@@ -58,6 +58,7 @@ SDXL = "tests/test_sdxl.py"
 SD3 = "tests/test_sd3.py"
 SD3_FAMILY = "family_sd3.py"
 RESUME = "tests/test_resume.py"
+BENCH, BENCH_TESTS = "bench/benchmark.py", "tests/test_bench.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -292,6 +293,12 @@ BUGS = [
         "args.train_text_encoder and name in self.trained_text_encoders",
         'args.train_text_encoder and name == "text_encoder"',
         [RESUME, "-k", "kill_9_then and (sdxl or sd3)"]),
+    Bug("bench_floor_loss_not_mse", "the benchmark's floor computes another loss than the trainer's", BENCH,
+        'return ((pred - inputs["target"]) ** 2).mean()', 'return (pred - inputs["target"]).abs().mean()',
+        [BENCH_TESTS, "-k", "trainers_loss"]),
+    Bug("bench_floor_lora_without_out", "the benchmark's LoRA floor trains fewer adapters than --use_lora", BENCH,
+        "for linear in (layer.to_q, layer.to_k, layer.to_v, layer.to_out[0]):",
+        "for linear in (layer.to_q, layer.to_k, layer.to_v):", [BENCH_TESTS, "-k", "trainers_loss"]),
 ]
 
 
