@@ -3,8 +3,10 @@
     OMP_NUM_THREADS=2 nice -n 10 python world/build_base.py [--out models/drawn-world]
 
 From random weights and a fixed seed, on the CPU:
-1. the VAE learns to reconstruct drawn pictures (world/drawn_world.py, drawn afresh at every step);
-   its scaling_factor is then set so the training latents have unit variance, as SD's 0.18215 does;
+1. the VAE learns to reconstruct drawn pictures (world/drawn_world.py, drawn afresh at every step),
+   then its decoder alone learns on, from the encoder's posterior means (as SD's fine-tuned
+   decoders were: the latents stay as they were); its scaling_factor is set so the training
+   latents have unit variance, as SD's 0.18215 does;
 2. the UNet and the CLIP text encoder learn together to denoise the latents of a fixed set of
    captioned pictures ("a photo of bucket on the beach", ...), one caption in ten left empty so
    that classifier-free guidance has an unconditional prediction to push away from;
@@ -42,6 +44,7 @@ class Settings:
     vae_batch: int = 16
     vae_learning_rate: float = 2e-3
     kl_weight: float = 1e-6
+    decoder_steps: int = 250
     images_per_pair: int = 150  # per (object, scene): 3000 pictures for the UNet
     unet_steps: int = 800
     unet_batch: int = 16
@@ -121,6 +124,51 @@ def train_vae(vae, settings, log):
         if step % 25 == 0 or step == settings.vae_steps - 1:
             log(f"vae step {step}: loss {float(loss):.4f} (L1 {float(error.abs().mean()):.4f}, kl {float(kl):.2f})")
     vae.eval()
+
+
+def finetune_decoder(vae, settings, log):
+    """The decoder alone, on the encoder's posterior means: sharper decodes of unchanged latents."""
+    import paddle
+
+    rng = np.random.default_rng([settings.seed, 3])
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = paddle.optimizer.AdamW(learning_rate=settings.vae_learning_rate, parameters=params, weight_decay=0.0)
+    vae.decoder.train()
+    for step in range(settings.decoder_steps):
+        pairs = [(drawn_world.OBJECTS[rng.integers(5)], drawn_world.SCENES[rng.integers(4)])
+                 for _ in range(settings.vae_batch)]
+        corners = rng.integers(0, 33, (settings.vae_batch, 2))
+        pixels = to_tensor([drawn_world.draw(obj, kind, rng).crop((x, y, x + 32, y + 32))
+                            for (obj, kind), (x, y) in zip(pairs, corners)])
+        with paddle.no_grad():
+            latents = vae.encode(pixels).latent_dist.mean
+        error = vae.decode(latents).sample - pixels
+        loss = error.abs().mean() + (error ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        if step % 25 == 0 or step == settings.decoder_steps - 1:
+            log(f"decoder step {step}: loss {float(loss):.4f} (L1 {float(error.abs().mean()):.4f})")
+    vae.eval()
+
+
+def cached_stage(folder, key, train, log):
+    """Run train() and save the VAE it returns with its key and times, or reuse an earlier result
+    with the same key: a rebuild that changes only later stages skips the VAE's."""
+    from ppdiffusers import AutoencoderKL
+
+    if read_json(os.path.join(folder, "settings.json")) == key:
+        vae = AutoencoderKL.from_pretrained(folder)
+        vae.eval()
+        log(f"reused {folder}: an earlier build trained it with the same settings")
+        return vae, tuple(read_json(os.path.join(folder, "times.json")))
+    t0, c0 = time.time(), time.process_time()
+    vae = train()
+    times = (time.time() - t0, time.process_time() - c0)
+    vae.save_pretrained(folder)
+    write_json(os.path.join(folder, "times.json"), times)
+    write_json(os.path.join(folder, "settings.json"), key)
+    return vae, times
 
 
 def encode_world(vae, images):
@@ -207,23 +255,21 @@ def main():
              for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
     log(f"parameters: {count}")
     times = {}
-    t0, c0 = time.time(), time.process_time()
-    vae_dir = os.path.join(args.work, "vae")
     vae_key = dict(seed=settings.seed, steps=settings.vae_steps, batch=settings.vae_batch,
                    lr=settings.vae_learning_rate, kl=settings.kl_weight)
-    if read_json(os.path.join(vae_dir, "settings.json")) == vae_key:  # a rebuild of the UNet alone
-        from ppdiffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(vae_dir)
-        vae.eval()
-        log(f"VAE of an earlier build with the same settings reused from {vae_dir}")
-        times["vae"] = tuple(read_json(os.path.join(vae_dir, "times.json")))
-    else:
+    def vae_stage():
         train_vae(vae, settings, log)
-        times["vae"] = (time.time() - t0, time.process_time() - c0)
-        vae.save_pretrained(vae_dir)
-        write_json(os.path.join(vae_dir, "times.json"), times["vae"])
-        write_json(os.path.join(vae_dir, "settings.json"), vae_key)
+        return vae
+
+    vae, times["vae"] = cached_stage(os.path.join(args.work, "vae"), vae_key, vae_stage, log)
+
+    def decoder_stage():
+        finetune_decoder(vae, settings, log)
+        return vae
+
+    vae, times["decoder"] = cached_stage(os.path.join(args.work, "decoder"), dict(vae_key, decoder=settings.decoder_steps),
+                                         decoder_stage, log)
 
     t0, c0 = time.time(), time.process_time()
     world = drawn_world.samples(settings.images_per_pair, seed=settings.seed + 100)
