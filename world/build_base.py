@@ -51,6 +51,12 @@ class Settings:
     learning_rate: float = 1e-3
     warmup_steps: int = 50
     empty_caption: float = 0.1
+    # A second cosine cycle from the first one's weights, predicting velocity instead of noise: at the
+    # noisiest timesteps a noise prediction's error is multiplied by 1/sqrt(alpha_bar) (about 15) in
+    # the picture it implies, so the first sampling steps of a small, briefly trained model go astray;
+    # velocity is the picture itself there. The first cycle's result is kept in the work folder.
+    more_unet_steps: int = 700
+    more_learning_rate: float = 5e-4
 
 
 def build_models(seed):
@@ -188,16 +194,18 @@ def encode_world(vae, images):
     return np.concatenate(means), np.concatenate(stds)
 
 
-def train_unet(unet, text_encoder, tokenizer, scheduler, latents_mean, latents_std, captions, settings, log):
-    """Epsilon prediction on the cached latents, text encoder trained along, cosine learning rate."""
+def train_unet(unet, text_encoder, tokenizer, scheduler, latents_mean, latents_std, captions, settings, log,
+               steps, learning_rate, prediction_type, stream):
+    """Noise (epsilon) or velocity prediction on the cached latents, text encoder trained along, cosine
+    learning rate."""
     import paddle
     from ppdiffusers.optimization import get_scheduler
 
-    rng = np.random.default_rng([settings.seed, 2])
+    rng = np.random.default_rng([settings.seed, stream])
     ids = {c: tokenizer(c, padding="max_length", max_length=MAX_LENGTH, truncation=True)["input_ids"]
            for c in set(captions) | {""}}
-    lr = get_scheduler("cosine", learning_rate=settings.learning_rate, num_warmup_steps=settings.warmup_steps,
-                       num_training_steps=settings.unet_steps)
+    lr = get_scheduler("cosine", learning_rate=learning_rate, num_warmup_steps=settings.warmup_steps,
+                       num_training_steps=steps)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=params, weight_decay=0.01,
                                        grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
@@ -206,7 +214,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents_mean, latents_s
     alphas = scheduler.alphas_cumprod.numpy().astype(np.float32)
     n = len(captions)
     losses = []
-    for step in range(settings.unet_steps):
+    for step in range(steps):
         pick = rng.integers(0, len(latents_mean), settings.unet_batch)  # mirror images are the second half
         x0 = latents_mean[pick] + latents_std[pick] * rng.standard_normal(latents_mean[pick].shape, np.float32)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)
@@ -216,13 +224,14 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents_mean, latents_s
         prompts = ["" if rng.random() < settings.empty_caption else captions[i % n] for i in pick]
         states = text_encoder(paddle.to_tensor([ids[p] for p in prompts]))[0]
         pred = unet(paddle.to_tensor(noisy), paddle.to_tensor(t), states).sample
-        loss = ((pred - paddle.to_tensor(noise)) ** 2).mean()
+        target = noise if prediction_type == "epsilon" else np.sqrt(a) * noise - np.sqrt(1 - a) * x0
+        loss = ((pred - paddle.to_tensor(target.astype(np.float32))) ** 2).mean()
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
         lr.step()
         losses.append(float(loss))
-        if step % 25 == 0 or step == settings.unet_steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             log(f"unet step {step}: loss {np.mean(losses[-25:]):.4f} (lr {lr.get_lr():.2e})")
     unet.eval()
     text_encoder.eval()
@@ -268,31 +277,67 @@ def main():
         finetune_decoder(vae, settings, log)
         return vae
 
-    vae, times["decoder"] = cached_stage(os.path.join(args.work, "decoder"), dict(vae_key, decoder=settings.decoder_steps),
-                                         decoder_stage, log)
+    decoder_key = dict(vae_key, decoder=settings.decoder_steps)
+    vae, times["decoder"] = cached_stage(os.path.join(args.work, "decoder"), decoder_key, decoder_stage, log)
 
     t0, c0 = time.time(), time.process_time()
-    world = drawn_world.samples(settings.images_per_pair, seed=settings.seed + 100)
-    images, captions = [im for im, _, _ in world], [drawn_world.caption(o, k) for _, o, k in world]
-    means, stds = encode_world(vae, images)
+    world_key = dict(decoder_key, images_per_pair=settings.images_per_pair)
+    encoded = os.path.join(args.work, "encoded.npz")
+    if read_json(encoded + ".json") == world_key:
+        saved = np.load(encoded)
+        means, stds, captions = saved["means"], saved["stds"], list(saved["captions"])
+        times["encode"] = tuple(read_json(encoded + ".times.json"))
+        log(f"reused {encoded}: an earlier build encoded the same pictures with the same VAE")
+    else:
+        world = drawn_world.samples(settings.images_per_pair, seed=settings.seed + 100)
+        images, captions = [im for im, _, _ in world], [drawn_world.caption(o, k) for _, o, k in world]
+        means, stds = encode_world(vae, images)
+        times["encode"] = (time.time() - t0, time.process_time() - c0)
+        np.savez(encoded, means=means, stds=stds, captions=np.array(captions))
+        write_json(encoded + ".json", world_key)
+        write_json(encoded + ".times.json", times["encode"])
     # SD scales its latents by 0.18215 for unit variance; this VAE gets its own factor, measured.
     scale = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scale)
     log(f"latents: std {means.std():.3f} -> scaling_factor {scale:.4f}; posterior std {stds.mean():.4f}")
-    times["encode"] = (time.time() - t0, time.process_time() - c0)
 
-    t0, c0 = time.time(), time.process_time()
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    losses = train_unet(unet, text_encoder, tokenizer, DDPMScheduler(**schedule), means * scale, stds * scale,
-                        captions, settings, log)
-    times["unet"] = (time.time() - t0, time.process_time() - c0)
+    losses = []
+    unet_key = dict(world_key, unet_steps=settings.unet_steps, unet_batch=settings.unet_batch,
+                    unet_lr=settings.learning_rate, warmup=settings.warmup_steps, empty_caption=settings.empty_caption,
+                    prediction_type="epsilon")
+    cycles = [("unet", unet_key, settings.unet_steps, settings.learning_rate, "epsilon", 2)]
+    if settings.more_unet_steps:
+        cycles.append(("unet_more", dict(unet_key, more_steps=settings.more_unet_steps,
+                                         more_lr=settings.more_learning_rate, more_prediction_type="v_prediction"),
+                       settings.more_unet_steps, settings.more_learning_rate, "v_prediction", 4))
+    for stage, key, steps, learning_rate, prediction_type, stream in cycles:
+        folder = os.path.join(args.work, stage)
+        if read_json(os.path.join(folder, "settings.json")) == key:
+            unet = type(unet).from_pretrained(folder, subfolder="unet")
+            text_encoder = type(text_encoder).from_pretrained(folder, subfolder="text_encoder")
+            times[stage] = tuple(read_json(os.path.join(folder, "times.json")))
+            losses = read_json(os.path.join(folder, "losses.json"))
+            log(f"reused {folder}: an earlier build trained it with the same settings")
+            continue
+        t0, c0 = time.time(), time.process_time()
+        losses = train_unet(unet, text_encoder, tokenizer, DDPMScheduler(**schedule), means * scale, stds * scale,
+                            captions, settings, log, steps, learning_rate, prediction_type, stream)
+        times[stage] = (time.time() - t0, time.process_time() - c0)
+        unet.save_pretrained(os.path.join(folder, "unet"))
+        text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+        write_json(os.path.join(folder, "times.json"), times[stage])
+        write_json(os.path.join(folder, "losses.json"), losses)
+        write_json(os.path.join(folder, "settings.json"), key)
+    unet.eval()
+    text_encoder.eval()
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**schedule), safety_checker=None, feature_extractor=None,
+        scheduler=DPMSolverMultistepScheduler(**schedule, prediction_type=cycles[-1][4]), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(args.out)
-    total = time.time() - started
+    total = sum(wall for wall, _ in times.values())  # stages reused from the work folder count as they took
     with open(os.path.join(args.out, "BUILD.md"), "w") as f:
         f.write(build_notes(command, settings, count, times, total, losses, scale, paddle.get_flags))
     with open(os.path.join(args.out, "build.json"), "w") as f:
@@ -317,6 +362,7 @@ def write_json(path, value):
 def build_notes(command, settings, count, times, total, losses, scale, _):
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     rows = "\n".join(f"| {stage} | {wall / 60:.1f} min | {cpu / 60:.1f} min |" for stage, (wall, cpu) in times.items())
+    cpu_total = sum(cpu for _, cpu in times.values())
     return f"""# models/drawn-world: how it was made
 
 Written by `world/build_base.py` at the end of the build that produced the weights beside it.
@@ -332,9 +378,10 @@ Final UNet loss (mean of the last 50 updates): {np.mean(losses[-50:]):.4f}.
 | stage | wall clock | CPU time |
 |---|---|---|
 {rows}
-| total | {total / 60:.1f} min | |
+| total | {total / 60:.1f} min | {cpu_total / 60:.1f} min |
 
-The machine was shared with other jobs (2 cores), so the wall clock is an upper bound.
+The machine was shared with other jobs (2 cores, the build at nice 10), so the wall clock is an
+upper bound; the CPU time is what the build itself used.
 """
 
 
