@@ -1,14 +1,13 @@
 """--diagnostics_steps: reproducible, invisible to training, rank 0's alone, continued on resume,
-and able to tell prior preservation from its absence."""
+measured against the base model (bench/EFFICACY.md compares prior preservation with none)."""
 import csv
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import CLASS_PROMPT, ROOT, load_weights, logged_scalars, run_cli, run_train, train_args
+from conftest import CLASS_PROMPT, load_weights, logged_scalars, run_cli, run_train, train_args
 
 
 def diagnostics_rows(output_dir):
