@@ -41,8 +41,9 @@ python -u train_dreambooth.py \
   --class_prompt="a photo of toy" \
   --resolution=64 --center_crop \
   --train_batch_size=1 --gradient_accumulation_steps=1 \
-  --learning_rate=1e-3 --lr_scheduler=constant --lr_warmup_steps=0 \
-  --max_train_steps="${DEMO_STEPS:-300}" \
+  --train_text_encoder \
+  --learning_rate=7e-4 --lr_scheduler=constant --lr_warmup_steps=0 \
+  --max_train_steps="${DEMO_STEPS:-400}" \
   --diagnostics_steps=20 \
   --seed=0 --overwrite_output_dir "$@"
 
