@@ -1,19 +1,22 @@
-"""On the shipped base model of the drawn world (models/drawn-world), DreamBooth must teach the subject:
-a training bug that leaves every run consistent but wrong (a latent scale, a loss target, a sign)
-makes the trained model's samples stop looking like the subject, which the judge of
-world/classifier.py sees. The equivalence tests elsewhere compare runs with each other and cannot."""
+"""On the shipped base model of the drawn world (models/drawn-world), the demo's DreamBooth run must do
+what the DreamBooth paper claims: the instance prompt draws the subject, also in a scene the photos do
+not show, and with prior preservation the class prompt keeps drawing varied toys, not the subject.
+A training bug that leaves every run consistent but wrong (a latent scale, a loss target, a sign)
+breaks these, and the judge of world/classifier.py sees it; the equivalence tests elsewhere compare runs
+with each other and cannot. bench/EFFICACY.md has the same measurements with more samples and the run
+without prior preservation; the thresholds below sit well inside what it measured."""
 import os
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_cli
 
 sys.path.insert(0, os.path.join(ROOT, "world"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 BASE = os.path.join(ROOT, "models", "drawn-world")
-SUBJECT = os.path.join(ROOT, "examples", "sks_toy")
-SAMPLING = dict(steps=10, guidance_scale=7.5, height=64, width=64)
+SAMPLES = 8  # per prompt and model, seeds 0-7 (bench/efficacy.py uses 0-15)
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +27,9 @@ def judge():
 
 
 def samples(model, prompt, n, seed=0):
-    from demo_samples import load_pipeline, sample
+    from efficacy import sample_prompts
 
-    return sample(load_pipeline(model), prompt, n, seed, **SAMPLING)
+    return sample_prompts(model, [prompt], n, seed)[prompt]
 
 
 def test_the_judge_knows_fresh_drawn_pictures(judge):
@@ -50,17 +53,48 @@ def test_the_base_model_draws_the_prompted_scene(judge, obj, scene):
     assert sum(a == scene for a in answer["scene"]) >= 3, answer["scene"]
 
 
-def test_dreambooth_on_the_shipped_base_draws_the_subject(judge, tmp_path):
-    """The demo's run, shortened and without prior preservation (no class images to sample)."""
-    out = tmp_path / "db"
-    run_train("--pretrained_model_name_or_path", BASE, "--instance_data_dir", SUBJECT, "--output_dir", out,
-              "--instance_prompt", "a photo of sks toy", "--resolution", 64, "--center_crop",
-              "--train_batch_size", 1, "--learning_rate", 1e-3, "--lr_scheduler", "constant",
-              "--lr_warmup_steps", 0, "--max_train_steps", 150, "--seed", 0, "--diagnostics_steps", 0,
-              "--save_steps", 10**6)
-    before = judge(samples(BASE, "a photo of sks toy", 4))["subject"]
-    after = judge(samples(out, "a photo of sks toy", 4))["subject"]
-    assert (before > 0.5).sum() == 0, before  # the base has never seen the subject
-    # Measured on this setup (bench/EFFICACY.md has the longer demo): half the samples are judged
-    # the subject after 150 updates, none before; a wrong latent scale or loss target leaves none.
-    assert (after > 0.5).sum() >= 2 and after.mean() > before.mean() + 0.2, (before, after)
+@pytest.fixture(scope="module")
+def measured(judge, tmp_path_factory):
+    """The demo exactly as the README runs it (bash run_demo.sh: prior preservation, text encoder,
+    every update), then the base model and the result judged on the demo's three prompts."""
+    from efficacy import BEACH, CLASS, INSTANCE, judge_samples, subject_photos
+
+    demo = tmp_path_factory.mktemp("efficacy") / "demo"
+    result = run_cli(["bash", "run_demo.sh"], env={"DEMO_DIR": str(demo)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    photos = judge(subject_photos())["features"]
+    out = {}
+    for name, model in (("base", BASE), ("trained", demo / "dreambooth-model")):
+        out[name] = {prompt: judge_samples(judge, samples(model, prompt, SAMPLES), photos)
+                     for prompt in (INSTANCE, BEACH, CLASS)}
+    return out, INSTANCE, BEACH, CLASS
+
+
+def test_the_demo_teaches_the_subject(measured):
+    """Subject fidelity: none of the base's samples of "a photo of sks toy" is the subject, most of the
+    trained model's are, and they are closer to the subject photos in the judge's features."""
+    m, instance, _, _ = measured
+    base, trained = m["base"][instance], m["trained"][instance]
+    assert base["subject"] <= 1 / SAMPLES, base
+    assert trained["subject"] >= 0.5, trained
+    assert trained["similarity"] > base["similarity"] + 0.03, (base["similarity"], trained["similarity"])
+
+
+def test_the_demo_draws_the_subject_on_the_beach_sometimes(measured):
+    """Recontextualisation works only partly at this scale: the subject photos are all in a room,
+    and the trained model draws either the subject or the beach more often than both. At least one
+    of the samples has the subject on the beach, and the beach has not vanished from the prompt."""
+    m, _, beach, _ = measured
+    base, trained = m["base"][beach], m["trained"][beach]
+    assert trained["subject"] >= 0.25, trained
+    assert trained["beach_and_subject"] >= 1 / SAMPLES, trained
+    assert base["beach_and_subject"] <= 1 / SAMPLES, base
+
+
+def test_the_demo_keeps_the_class_varied_and_apart_from_the_subject(measured):
+    """PRES and DIV: with prior preservation "a photo of toy" rarely draws the subject and its samples
+    stay about as varied as the base model's."""
+    m, _, _, cls = measured
+    base, trained = m["base"][cls], m["trained"][cls]
+    assert trained["subject"] <= 0.25, trained
+    assert trained["diversity"] >= 0.75 * base["diversity"], (base["diversity"], trained["diversity"])

@@ -50,6 +50,7 @@ BLIND = "tests/test_blind_spots.py"
 MULTI = "tests/test_multi_process.py"
 FAULTS = "tests/test_faults.py"
 SDXL = "tests/test_sdxl.py"
+EFFICACY = "tests/test_efficacy.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -232,6 +233,14 @@ BUGS = [
     Bug("parked_models_counted_on_gpu", "the memory estimate counts the parked text encoders and VAE as on the "
         "GPU while training", "memory_estimate.py", "        if frozen and not part.parked:", "        if frozen:",
         ["tests/test_bench.py", "-k", "keeps_on_the_gpu"]),
+    # Consistent but wrong: every run agrees with every other, only the demo's judged samples show it.
+    Bug("demo_latent_scale_dropped", "training latents not multiplied by the VAE's scaling_factor (the demo "
+        "on the drawn-world base)", F, "    return sample * vae_config.scaling_factor", "    return sample",
+        [EFFICACY, "-k", "demo"]),
+    Bug("demo_v_target_is_noise", "the drawn-world base (v-prediction) trained against the noise in the demo", F,
+        'target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" \\\n'
+        '            else noise',
+        "target = noise", [EFFICACY, "-k", "demo"]),
 ]
 
 
