@@ -10,10 +10,10 @@ cat <<'EOF_INTRO'
     trained on a drawn world of toys, buckets, dogs, cups and balls in a room, on the beach, in the
     snow and on the grass (world/build_base.py made it);
  2. teaches it one subject, the toy robot of examples/sks_toy, as "sks toy", with prior preservation
-    (class images of "a photo of toy" the base model draws first);
+    (class images of "a photo of toy" the base model draws first), training the text encoder too;
  3. samples "a photo of sks toy", "a photo of sks toy on the beach" and "a photo of toy" from the
     base model and from the trained one, side by side, into one grid.
-About a minute on a 2-core CPU after the one-time install.
+One to two minutes on a 2-core CPU after the one-time install.
 The real thing: MODEL_NAME=... INSTANCE_DIR=... OUTPUT_DIR=... bash run_single.sh
 EOF_INTRO
 
