@@ -97,4 +97,4 @@ def test_the_demo_keeps_the_class_varied_and_apart_from_the_subject(measured):
     m, _, _, cls = measured
     base, trained = m["base"][cls], m["trained"][cls]
     assert trained["subject"] <= 0.25, trained
-    assert trained["diversity"] >= 0.75 * base["diversity"], (base["diversity"], trained["diversity"])
+    assert trained["diversity"] >= 0.8 * base["diversity"], (base["diversity"], trained["diversity"])
