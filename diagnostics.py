@@ -31,7 +31,7 @@ from families import Geometry
 logger = logging.getLogger("dreambooth")
 
 # Sized so that measuring every 100 updates, probe sets included, costs under 5% of a 400-update
-# run at batch 1 (bench/EFFICACY.md): a measurement is one forward pass of PROBES_PER_SET per set.
+# run at batch 1 (bench/DIAGNOSTICS_COST.md): a measurement is one forward pass of PROBES_PER_SET per set.
 PROBES_PER_SET = 4
 CLASS_SAMPLING_STEPS = 6  # at most: enough for DPM-Solver++ to leave pure noise behind, cheap to build
 DIAGNOSTICS_STREAM = 4  # train_dreambooth.py's own random streams are 1-3

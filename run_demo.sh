@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # One-command demo for a fresh clone, no GPU and no model hub needed: bash run_demo.sh [extra trainer args]
-# DEMO_DIR (output root), DEMO_STEPS and DEMO_CLASS_IMAGES (so a test can run a shorter demo) are optional.
+# DEMO_DIR (output root), DEMO_STEPS and DEMO_CLASS_IMAGES (so a test can run a shorter demo) are optional;
+# DEMO_PRIOR=0 trains without prior preservation (bench/efficacy.py compares the two).
 set -euo pipefail
 
-cat <<'EOF'
+cat <<'EOF_INTRO'
 === DreamBooth demo ===
- 1. builds a tiny, randomly initialised Stable Diffusion model locally (no download),
- 2. trains DreamBooth with prior preservation on the example toy photos in examples/sks_toy,
- 3. samples "a photo of sks toy" and "a photo of toy" into one grid.
-The model is tiny and random, so the pictures look like noise: this shows the pipeline works,
-not what DreamBooth can do. About a minute on a 2-core CPU after the one-time install.
+ 1. starts from models/drawn-world, a small Stable Diffusion model shipped with the project and
+    trained on a drawn world of toys, buckets, dogs, cups and balls in a room, on the beach, in the
+    snow and on the grass (world/build_base.py made it);
+ 2. teaches it one subject, the toy robot of examples/sks_toy, as "sks toy", with prior preservation
+    (class images of "a photo of toy" the base model draws first), training the text encoder too;
+ 3. samples "a photo of sks toy", "a photo of sks toy on the beach" and "a photo of toy" from the
+    base model and from the trained one, side by side, into one grid.
+One to two minutes on a 2-core CPU after the one-time install.
 The real thing: MODEL_NAME=... INSTANCE_DIR=... OUTPUT_DIR=... bash run_single.sh
-EOF
+EOF_INTRO
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # A DEMO_DIR given by the caller is relative to where they called from, so resolve it before the cd.
@@ -22,37 +26,38 @@ cd "$here"
 . ./setup_venv.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# model_index.json is written last, so its presence means an earlier build finished.
-if [ ! -f "$DEMO_DIR/tiny-sd/model_index.json" ]; then
-  python tiny_sd.py "$DEMO_DIR/tiny-sd"
-fi
+# demo_output/base-model is the pipeline the demo starts from: a link to the shipped one.
+ln -sfn "$here/models/drawn-world" "$DEMO_DIR/base-model"
+prior=(--with_prior_preservation --prior_loss_weight=1.0 --class_data_dir="$DEMO_DIR/class_images"
+       --num_class_images="${DEMO_CLASS_IMAGES:-20}" --sample_batch_size=10 --class_inference_steps=10)
+[ "${DEMO_PRIOR:-1}" = 0 ] && prior=()
 
 python -u train_dreambooth.py \
-  --pretrained_model_name_or_path="$DEMO_DIR/tiny-sd" \
+  --pretrained_model_name_or_path="$DEMO_DIR/base-model" \
   --instance_data_dir=examples/sks_toy \
-  --class_data_dir="$DEMO_DIR/class_images" \
   --output_dir="$DEMO_DIR/dreambooth-model" \
-  --with_prior_preservation --prior_loss_weight=1.0 \
+  "${prior[@]}" \
   --instance_prompt="a photo of sks toy" \
   --class_prompt="a photo of toy" \
-  --height=64 --width=64 \
+  --resolution=64 --center_crop \
   --train_batch_size=1 --gradient_accumulation_steps=1 \
-  --learning_rate=5e-4 --lr_scheduler=constant --lr_warmup_steps=0 \
-  --num_class_images="${DEMO_CLASS_IMAGES:-10}" --sample_batch_size=5 \
-  --max_train_steps="${DEMO_STEPS:-100}" \
+  --train_text_encoder \
+  --learning_rate=7e-4 --lr_scheduler=constant --lr_warmup_steps=0 \
+  --max_train_steps="${DEMO_STEPS:-400}" \
   --diagnostics_steps=20 \
   --seed=0 --overwrite_output_dir "$@"
 
-python demo_samples.py "$DEMO_DIR/dreambooth-model" \
-  --prompt "a photo of sks toy" --prompt "a photo of toy" \
-  --num_images 2 --steps 10 --height 64 --width 64 --seed 0 \
+python demo_samples.py "$DEMO_DIR/dreambooth-model" --base "$DEMO_DIR/base-model" \
+  --prompt "a photo of sks toy" --prompt "a photo of sks toy on the beach" --prompt "a photo of toy" \
+  --num_images 4 --steps 10 --height 64 --width 64 --seed 0 \
   --out "$DEMO_DIR/samples_grid.png"
 
-cat <<EOF
+cat <<EOF_DONE
 
 === Done ===
+ base model:     $DEMO_DIR/base-model   (links to models/drawn-world)
  trained model:  $DEMO_DIR/dreambooth-model   (load it with StableDiffusionPipeline.from_pretrained)
  class images:   $DEMO_DIR/class_images
- samples grid:   $DEMO_DIR/samples_grid.png   (single images beside it)
+ samples grid:   $DEMO_DIR/samples_grid.png   (each row: 4 base-model samples, then the same seeds after DreamBooth)
  training logs:  $DEMO_DIR/dreambooth-model/logs
-EOF
+EOF_DONE

@@ -45,12 +45,12 @@ def bytes_to_unicode():
     return dict(zip(printable, map(chr, chars)))
 
 
-def write_tokenizer_files(out_dir):
-    """A CLIP BPE vocabulary: every byte alone and word-final, plus merges spelling WORDS."""
+def write_tokenizer_files(out_dir, words=WORDS):
+    """A CLIP BPE vocabulary: every byte alone and word-final, plus merges spelling words."""
     byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars]
     merges = []
-    for word in WORDS:
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:  # merge left to right: "p h", "ph o", ...
             pair = (symbols[0], symbols[1])

@@ -24,17 +24,21 @@ def test_the_readme_starts_with_the_demo_and_the_test_command_and_both_exist():
         assert "bash run_tests.sh" in f.read(), ".ci/run must run the README's test command"
 
 
-def test_the_demo_trains_and_writes_the_sample_grid(tmp_path):
+def test_the_demo_trains_from_the_shipped_base_and_writes_the_before_after_grid(tmp_path):
     """The demo exactly as README runs it, with fewer steps and class images."""
     demo = tmp_path / "demo"
     result = run_cli(["bash", "run_demo.sh"], env={"DEMO_DIR": str(demo), "DEMO_STEPS": "6",
                                                    "DEMO_CLASS_IMAGES": "3"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     grid = Image.open(demo / "samples_grid.png")
-    # two labelled rows of two 64x64 samples
-    assert grid.width >= 2 * 64 and 2 * 64 < grid.height < 3 * 64 + 60
+    # three labelled rows of 4 base-model and 4 trained 64x64 samples
+    assert grid.width >= 8 * 64 and 3 * 64 < grid.height < 4 * 64 + 60
     assert len(os.listdir(demo / "class_images")) == 3
+    assert os.path.samefile(demo / "base-model", os.path.join(ROOT, "models", "drawn-world"))
     from ppdiffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(demo / "dreambooth-model")
+    for prefix in ("base_", ""):  # the single images of both models, same seeds
+        for i in range(4):
+            assert os.path.isfile(demo / f"samples_grid_{prefix}a_photo_of_sks_toy_on_the_beach_{i}.png")
     assert str(demo / "samples_grid.png") in result.stdout

@@ -1,0 +1,100 @@
+"""On the shipped base model of the drawn world (models/drawn-world), the demo's DreamBooth run must do
+what the DreamBooth paper claims: the instance prompt draws the subject, also in a scene the photos do
+not show, and with prior preservation the class prompt keeps drawing varied toys, not the subject.
+A training bug that leaves every run consistent but wrong (a latent scale, a loss target, a sign)
+breaks these, and the judge of world/classifier.py sees it; the equivalence tests elsewhere compare runs
+with each other and cannot. bench/EFFICACY.md has the same measurements with more samples and the run
+without prior preservation; the thresholds below sit well inside what it measured."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+
+sys.path.insert(0, os.path.join(ROOT, "world"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+BASE = os.path.join(ROOT, "models", "drawn-world")
+SAMPLES = 8  # per prompt and model, seeds 0-7 (bench/efficacy.py uses 0-15)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from classifier import Judge
+
+    return Judge()
+
+
+def samples(model, prompt, n, seed=0):
+    from efficacy import sample_prompts
+
+    return sample_prompts(model, [prompt], n, seed)[prompt]
+
+
+def test_the_judge_knows_fresh_drawn_pictures(judge):
+    import drawn_world
+    from classifier import drawn_set
+
+    data = drawn_set(2, seed=4321)  # a seed neither the judge nor the base model was trained on
+    answer = judge([d[0] for d in data])
+    assert np.mean([drawn_world.OBJECTS.index(a) == d[1] for a, d in zip(answer["object"], data)]) >= 0.9
+    assert np.mean([drawn_world.SCENES.index(a) == d[2] for a, d in zip(answer["scene"], data)]) >= 0.9
+    assert np.mean((answer["subject"] > 0.5) == np.array([d[3] > 0.5 for d in data])) >= 0.9
+
+
+@pytest.mark.parametrize("obj,scene", [("bucket", "beach"), ("dog", "snow"), ("ball", "grass")])
+def test_the_base_model_draws_the_prompted_scene(judge, obj, scene):
+    """Scenes only: the base's objects are blurred blobs the judge tells apart less reliably
+    (bench/EFFICACY.md measures both)."""
+    import drawn_world
+
+    answer = judge(samples(BASE, drawn_world.caption(obj, scene), 4))
+    assert sum(a == scene for a in answer["scene"]) >= 3, answer["scene"]
+
+
+@pytest.fixture(scope="module")
+def measured(judge, tmp_path_factory):
+    """The demo exactly as the README runs it (bash run_demo.sh: prior preservation, text encoder,
+    every update), then the base model and the result judged on the demo's three prompts."""
+    from efficacy import BEACH, CLASS, INSTANCE, judge_samples, subject_photos
+
+    demo = tmp_path_factory.mktemp("efficacy") / "demo"
+    result = run_cli(["bash", "run_demo.sh"], env={"DEMO_DIR": str(demo)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    photos = judge(subject_photos())["features"]
+    out = {}
+    for name, model in (("base", BASE), ("trained", demo / "dreambooth-model")):
+        out[name] = {prompt: judge_samples(judge, samples(model, prompt, SAMPLES), photos)
+                     for prompt in (INSTANCE, BEACH, CLASS)}
+    return out, INSTANCE, BEACH, CLASS
+
+
+def test_the_demo_teaches_the_subject(measured):
+    """Subject fidelity: none of the base's samples of "a photo of sks toy" is the subject, most of the
+    trained model's are, and they are closer to the subject photos in the judge's features."""
+    m, instance, _, _ = measured
+    base, trained = m["base"][instance], m["trained"][instance]
+    assert base["subject"] <= 1 / SAMPLES, base
+    assert trained["subject"] >= 0.5, trained
+    assert trained["similarity"] > base["similarity"] + 0.03, (base["similarity"], trained["similarity"])
+
+
+def test_the_demo_draws_the_subject_on_the_beach_sometimes(measured):
+    """Recontextualisation works only partly at this scale: the subject photos are all in a room,
+    and the trained model draws either the subject or the beach more often than both. At least one
+    of the samples has the subject on the beach, and the beach has not vanished from the prompt."""
+    m, _, beach, _ = measured
+    base, trained = m["base"][beach], m["trained"][beach]
+    assert trained["subject"] >= 0.25, trained
+    assert trained["beach_and_subject"] >= 1 / SAMPLES, trained
+    assert base["beach_and_subject"] <= 1 / SAMPLES, base
+
+
+def test_the_demo_keeps_the_class_varied_and_apart_from_the_subject(measured):
+    """PRES and DIV: with prior preservation "a photo of toy" rarely draws the subject and its samples
+    stay about as varied as the base model's."""
+    m, _, _, cls = measured
+    base, trained = m["base"][cls], m["trained"][cls]
+    assert trained["subject"] <= 0.25, trained
+    assert trained["diversity"] >= 0.8 * base["diversity"], (base["diversity"], trained["diversity"])
