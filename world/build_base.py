@@ -114,11 +114,7 @@ def train_vae(vae, settings, log):
                                        weight_decay=0.0)
     vae.train()
     for step in range(settings.vae_steps):
-        pairs = [(drawn_world.OBJECTS[rng.integers(5)], drawn_world.SCENES[rng.integers(4)])
-                 for _ in range(settings.vae_batch)]
-        corners = rng.integers(0, 33, (settings.vae_batch, 2))
-        pixels = to_tensor([drawn_world.draw(obj, kind, rng).crop((x, y, x + 32, y + 32))
-                            for (obj, kind), (x, y) in zip(pairs, corners)])
+        pixels = random_crops(rng, settings.vae_batch)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         error = reconstruction - pixels
@@ -132,6 +128,14 @@ def train_vae(vae, settings, log):
     vae.eval()
 
 
+def random_crops(rng, batch):
+    """32x32 crops of freshly drawn pictures (any object, any scene): what the VAE stages learn from."""
+    pairs = [(drawn_world.OBJECTS[rng.integers(5)], drawn_world.SCENES[rng.integers(4)]) for _ in range(batch)]
+    corners = rng.integers(0, 33, (batch, 2))
+    return to_tensor([drawn_world.draw(obj, kind, rng).crop((x, y, x + 32, y + 32))
+                      for (obj, kind), (x, y) in zip(pairs, corners)])
+
+
 def finetune_decoder(vae, settings, log):
     """The decoder alone, on the encoder's posterior means: sharper decodes of unchanged latents."""
     import paddle
@@ -141,11 +145,7 @@ def finetune_decoder(vae, settings, log):
     optimizer = paddle.optimizer.AdamW(learning_rate=settings.vae_learning_rate, parameters=params, weight_decay=0.0)
     vae.decoder.train()
     for step in range(settings.decoder_steps):
-        pairs = [(drawn_world.OBJECTS[rng.integers(5)], drawn_world.SCENES[rng.integers(4)])
-                 for _ in range(settings.vae_batch)]
-        corners = rng.integers(0, 33, (settings.vae_batch, 2))
-        pixels = to_tensor([drawn_world.draw(obj, kind, rng).crop((x, y, x + 32, y + 32))
-                            for (obj, kind), (x, y) in zip(pairs, corners)])
+        pixels = random_crops(rng, settings.vae_batch)
         with paddle.no_grad():
             latents = vae.encode(pixels).latent_dist.mean
         error = vae.decode(latents).sample - pixels
