@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from common import parameter_count
+
 logger = logging.getLogger("dreambooth")
 
 WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
@@ -119,8 +121,6 @@ def add_transformer_lora(transformer, rank, alpha):
         p.stop_gradient = True
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TRANSFORMER_LORA_TARGETS)
     inject_adapter_in_model(config, transformer, adapter_name=LORA_ADAPTER)
-    from common import parameter_count
-
     return parameter_count(p for p in transformer.parameters() if not p.stop_gradient)
 
 
