@@ -5,16 +5,17 @@
 OUTPUT_DIR is either
 - a ppdiffusers pipeline folder (full fine-tuning): the file is a complete checkpoint in the original
   key layout, loadable as a checkpoint by WebUI, ComfyUI and the pipeline's `from_single_file`:
-  for Stable Diffusion 1.x/2.x the CompVis one (`model.diffusion_model.*`, `first_stage_model.*`,
-  `cond_stage_model.transformer.*`), for SDXL Stability's SGM one (the same UNet and VAE names,
-  `conditioner.embedders.0.transformer.*` for the CLIP-L text encoder and
+  for Stable Diffusion 1.x the CompVis one (`model.diffusion_model.*`, `first_stage_model.*`,
+  `cond_stage_model.transformer.*`), for 2.x Stability's (the same UNet and VAE names, and OpenCLIP's
+  names under `cond_stage_model.model.*` for its OpenCLIP-H text encoder), for SDXL Stability's SGM
+  one (the same UNet and VAE names, `conditioner.embedders.0.transformer.*` for the CLIP-L text encoder and
   `conditioner.embedders.1.model.*`, OpenCLIP's names, for the second); or
 - a LoRA output folder of train_dreambooth.py --use_lora (paddle_lora_weights.safetensors, no
   model_index.json; with --train_text_encoder also text_encoder_lora_weights.safetensors): the file
   is the LoRA in the kohya layout that WebUI, ComfyUI and `load_lora_weights` read
   (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_<module>...` for
   the text encoder; for SDXL, UNet modules under their SGM names as kohya's SDXL files have them,
-  and `lora_te1_` / `lora_te2_` for its two text encoders).
+  and `lora_te1_` / `lora_te2_` for its two text encoders; SD 2.x LoRAs have SD 1.x's names, as kohya's).
 Both use PyTorch weight orientation. Default output: OUTPUT_DIR/<name of OUTPUT_DIR>.safetensors.
 """
 import argparse
@@ -33,7 +34,9 @@ from common import LORA_WEIGHTS, TEXT_ENCODER_LORA, give_usual_file_modes
 class Layout:
     """One family's single-file layout: where its parts go, and its kohya LoRA names."""
     label: str
-    # (pipeline component, key prefix, "clip": Hugging Face CLIP names / "open_clip": OpenCLIP's)
+    # (pipeline component, key prefix, kind): kind "clip": a CLIPTextModel in Hugging Face CLIP names;
+    # "open_clip": a CLIPTextModelWithProjection in OpenCLIP's; "open_clip_unprojected": a CLIPTextModel
+    # in OpenCLIP's, with an identity text_projection (see _identity_projection)
     text_encoders: tuple
     # UNet modules of this family only (ppdiffusers name -> original name)
     unet_top: dict = field(default_factory=dict)
@@ -46,13 +49,14 @@ class Layout:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD = Layout("Stable Diffusion 1.x", (("text_encoder", "cond_stage_model.transformer.", "clip"),))
+SD2 = Layout("Stable Diffusion 2.x", (("text_encoder", "cond_stage_model.model.", "open_clip_unprojected"),))
 SDXL = Layout("SDXL", (("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
                        ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip")),
               # the pooled-prompt-and-sizes embedding ("text_time")
               unet_top={"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"},
               lora_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
               lora_unet_sgm_names=True)
-LAYOUTS = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
+LAYOUTS = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}  # SD 2.x: see checkpoint_layout
 
 # Key-mapping tables: ppdiffusers module name -> original module name. A name missing from a
 # table is the same in both layouts (e.g. everything inside a UNet transformer block).
@@ -143,7 +147,7 @@ def _check_all_mapped(component, mapping, layout):
         raise ValueError(f"{component}: no {layout.label} name for {len(missing)} parameter(s), e.g. {missing[:3]}")
 
 
-# Hugging Face CLIP -> OpenCLIP (SDXL's second text encoder): module renames inside a layer, and the
+# Hugging Face CLIP -> OpenCLIP (SD 2.x's text encoder, SDXL's second): module renames inside a layer, and the
 # names outside the layers. q, k and v are one in_proj in OpenCLIP.
 OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -176,6 +180,21 @@ def _to_open_clip(state, component):
             raise ValueError(f"{component}: layer {layer} lacks one of q_proj, k_proj, v_proj")
         out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = np.concatenate([parts[c] for c in "qkv"])
     return out
+
+
+def _identity_projection(state, component):
+    """The state of SD 2.x's text encoder, which has no projection, with an identity text_projection.
+
+    SD 2.x conditions on hidden states only and never multiplies by OpenCLIP's text_projection, so
+    ppdiffusers' CLIPTextModel has none; but the original checkpoints hold one, and readers take the
+    attention width from it to split in_proj into q, k and v (ppdiffusers' reader from its first dimension,
+    assuming SD 2.x's 1024 when it is missing).
+    """
+    final_norm = "text_model.final_layer_norm.weight"
+    if final_norm not in state:
+        raise ValueError(f"{component}: not a CLIP text model (no {final_norm})")
+    width = np.asarray(state[final_norm]).shape[0]
+    return {**state, "text_projection.weight": np.eye(width, dtype=np.asarray(state[final_norm]).dtype)}
 
 
 def _clip(state, component):
@@ -219,6 +238,8 @@ def to_original_layout(unet_state, vae_state, *text_states, layout=SD):
     expected = len(out)
     for (component, prefix, kind), state in zip(layout.text_encoders, text_states):
         state = {k: np.asarray(v) for k, v in state.items()}
+        if kind == "open_clip_unprojected":
+            state = _identity_projection(state, component)
         state = _clip(state, component) if kind == "clip" else _to_open_clip(state, component)
         out.update({prefix + k: v for k, v in state.items()})
         expected += len(state)
@@ -252,19 +273,37 @@ def is_pipeline_folder(folder):
     return all(os.path.isfile(os.path.join(folder, sub, "config.json")) for sub in ("unet", "vae", "text_encoder"))
 
 
-def pipeline_layout(folder):
-    """The single-file layout of a pipeline folder, from its model_index.json (SD 1.x without one)."""
+def _read_json(folder, name):
     try:
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-            name = json.load(f).get("_class_name")
-    except FileNotFoundError:
-        return SD
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}: cannot read its model_index.json ({e})") from e
-    if name not in LAYOUTS:
-        raise ValueError(f"{folder} is a {name}; a single file can be written for "
-                         f"{', '.join(LAYOUTS)} only (the folder itself loads with {name}.from_pretrained)")
-    return LAYOUTS[name]
+        raise ValueError(f"{folder}: cannot read its {name} ({e})") from e
+
+
+def checkpoint_layout(class_name, folder):
+    """The single-file layout of a `class_name` pipeline saved in folder.
+
+    A StableDiffusionPipeline is SD 2.x when its text encoder is OpenCLIP-H: its MLP uses the exact GELU,
+    OpenAI's CLIP-L (SD 1.x) quick_gelu. ppdiffusers' single-file reader, which has only the file, tells
+    SD 2.x by its UNet's cross-attention width instead (1024, 768 in SD 1.x); the activation also tells
+    a model of another size (e.g. tiny_sd.py --family sd2).
+    """
+    if class_name not in LAYOUTS:
+        raise ValueError(f"{folder} is a {class_name}; a single file can be written for "
+                         f"{', '.join(LAYOUTS)} only (the folder itself loads with {class_name}.from_pretrained)")
+    layout = LAYOUTS[class_name]
+    if layout is SD and _read_json(folder, os.path.join("text_encoder", "config.json")).get("hidden_act") == "gelu":
+        return SD2
+    return layout
+
+
+def pipeline_layout(folder):
+    """The single-file layout of a pipeline folder, from its model_index.json (StableDiffusionPipeline
+    without one) and, for SD 1.x/2.x, its text encoder's config."""
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        return checkpoint_layout("StableDiffusionPipeline", folder)
+    return checkpoint_layout(_read_json(folder, "model_index.json").get("_class_name"), folder)
 
 
 def _write(tensors, out_path):
@@ -312,7 +351,8 @@ def export_pipeline(folder, out_path, half=False, layout=None):
     from ppdiffusers import AutoencoderKL, UNet2DConditionModel
 
     # SDXL's second encoder is a CLIPTextModelWithProjection: its projection belongs in the file.
-    classes = {"clip": transformers.CLIPTextModel, "open_clip": transformers.CLIPTextModelWithProjection}
+    classes = {"clip": transformers.CLIPTextModel, "open_clip": transformers.CLIPTextModelWithProjection,
+               "open_clip_unprojected": transformers.CLIPTextModel}
     return export_models(
         UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
         AutoencoderKL.from_pretrained(folder, subfolder="vae"),

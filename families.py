@@ -398,9 +398,10 @@ class SD:
         kohya's). Returns its summary."""
         import export_single_file
 
-        layout = export_single_file.LAYOUTS[self.pipeline_class_name]
-        if lora:
+        if lora:  # SD 2.x LoRAs have SD 1.x's kohya names
+            layout = export_single_file.LAYOUTS[self.pipeline_class_name]
             return export_single_file.export_lora(folder, out, half=half, layout=layout)
+        layout = export_single_file.checkpoint_layout(self.pipeline_class_name, folder)  # SD 1.x or 2.x
         return export_single_file.export_pipeline(folder, out, half=half, layout=layout)
 
 

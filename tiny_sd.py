@@ -1,12 +1,13 @@
 """Build a tiny, randomly initialised Stable Diffusion pipeline on disk.
 
-    python tiny_sd.py OUT_DIR [--size tiny|small] [--prediction_type epsilon|v_prediction] [--family sd|sdxl]
+    python tiny_sd.py OUT_DIR [--size tiny|small] [--prediction_type epsilon|v_prediction] [--family sd|sd2|sdxl]
     python tiny_sd.py OUT_DIR --family sd3 [--without_t5]
 
 The result has the folder layout of a real SD 1.x model (unet, vae, text_encoder,
 tokenizer, scheduler), so `train_dreambooth.py --pretrained_model_name_or_path OUT_DIR`
 and `StableDiffusionPipeline.from_pretrained(OUT_DIR)` treat it exactly like
-CompVis/stable-diffusion-v1-4, only thousands of times smaller; --family sdxl writes the
+CompVis/stable-diffusion-v1-4, only thousands of times smaller; --family sd2 the same layout with
+SD 2.x's text encoder, UNet and prediction type (see SD2); --family sdxl writes the
 StableDiffusionXLPipeline layout (two text encoders, tokenizer_2, text_encoder_2) instead, --family sd3
 the StableDiffusion3Pipeline one (a transformer, two CLIPs and T5). The tests, the demo
 and the benchmark all build their models here, so the weights are fixed by the seed.
@@ -29,6 +30,14 @@ SIZES = {
                   attention_head_dim=8, vae_channels=(32, 64, 128, 128), text_hidden=256, text_layers=4,
                   text_heads=4),
 }
+
+
+# What SD 2.x changes in the SD 1.x layout, in miniature. Its text encoder is OpenCLIP-H's: the exact GELU
+# (CLIP-L's is quick_gelu) and 23 layers, OpenCLIP's 24 without the last, which SD 2.x never runs (it reads
+# the penultimate layer); ppdiffusers' single-file reader treats a 23-layer SD 2 encoder specially. Its UNet
+# projects into and out of attention with Linear layers and gives each block a head count for one head
+# width (64 in SD 2.x); it predicts the velocity (the 768-v models).
+SD2 = dict(text_act="gelu", text_layers=23, head_width=8, prediction_type="v_prediction")
 
 
 def bytes_to_unicode():
@@ -79,7 +88,9 @@ def tiny_vae(channels, **family_config):
                          norm_num_groups=min(32, channels[0]), sample_size=64, **family_config)
 
 
-def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", max_length=16):
+def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type=None, max_length=16, family="sd"):
+    """A tiny random StableDiffusionPipeline in out_dir: SD 1.x-like, or SD 2.x-like with family="sd2";
+    prediction_type: the scheduler's (default: the family's, epsilon for SD 1.x)."""
     import tempfile
 
     import paddle
@@ -87,8 +98,12 @@ def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", 
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     s = SIZES[size]
+    sd2 = family == "sd2"
+    prediction_type = prediction_type or (SD2["prediction_type"] if sd2 else "epsilon")
     paddle.seed(seed)
     n_blocks = len(s["unet_channels"])
+    # SD 2.x: a head count per block (what ppdiffusers' attention_head_dim holds); SD 1.x: one count.
+    heads = tuple(c // SD2["head_width"] for c in s["unet_channels"]) if sd2 else s["attention_head_dim"]
     unet = UNet2DConditionModel(
         sample_size=8 if size == "tiny" else 16,
         in_channels=4,
@@ -98,7 +113,8 @@ def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", 
         down_block_types=("CrossAttnDownBlock2D",) * (n_blocks - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_blocks - 1),
         cross_attention_dim=s["cross_attention_dim"],
-        attention_head_dim=s["attention_head_dim"],
+        attention_head_dim=heads,
+        use_linear_projection=sd2,
         norm_num_groups=min(32, s["unet_channels"][0]),
     )
     vae = tiny_vae(s["vae_channels"])
@@ -115,8 +131,9 @@ def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", 
             vocab_size=vocab_size,
             hidden_size=s["text_hidden"],
             intermediate_size=4 * s["text_hidden"],
-            num_hidden_layers=s["text_layers"],
+            num_hidden_layers=SD2["text_layers"] if sd2 else s["text_layers"],
             num_attention_heads=s["text_heads"],
+            hidden_act=SD2["text_act"] if sd2 else "quick_gelu",
             max_position_embeddings=max_length,
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
@@ -126,7 +143,7 @@ def save_tiny_pipeline(out_dir, size="tiny", seed=0, prediction_type="epsilon", 
     )
     # The text encoder's width must match the UNet's cross-attention width.
     assert s["text_hidden"] == s["cross_attention_dim"]
-    # Real SD 1.x ships PNDM for sampling; training uses the DDPM betas of the same config.
+    # Real SD 1.x ships PNDM for sampling; training uses the DDPM betas of the same config (SD 2.x's too).
     scheduler_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                             num_train_timesteps=1000, prediction_type=prediction_type)
     scheduler = PNDMScheduler(skip_prk_steps=True, **scheduler_kwargs) if prediction_type == "epsilon" \
@@ -284,10 +301,11 @@ def main():
     parser.add_argument("out_dir")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
-                        help="SD 1.x/2.x only")
-    parser.add_argument("--family", choices=["sd", "sdxl", "sd3"], default="sd",
-                        help="sd: the SD 1.x layout; sdxl: StableDiffusionXLPipeline's (two text encoders); "
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
+                        help="sd, sd2 only (default: epsilon for sd, v_prediction for sd2)")
+    parser.add_argument("--family", choices=["sd", "sd2", "sdxl", "sd3"], default="sd",
+                        help="sd: the SD 1.x layout; sd2: the same with SD 2.x's text encoder and UNet; "
+                             "sdxl: StableDiffusionXLPipeline's (two text encoders); "
                              "sd3: StableDiffusion3Pipeline's (transformer, two CLIPs, T5)")
     parser.add_argument("--without_t5", action="store_true", help="sd3: save the pipeline without T5")
     args = parser.parse_args()
@@ -298,8 +316,9 @@ def main():
     if args.family == "sdxl":
         save_tiny_sdxl_pipeline(args.out_dir, args.size, args.seed)
     else:
-        save_tiny_pipeline(args.out_dir, args.size, args.seed, args.prediction_type)
-    print(f"tiny {'SDXL' if args.family == 'sdxl' else 'Stable Diffusion'} pipeline ({args.size}) written to "
+        save_tiny_pipeline(args.out_dir, args.size, args.seed, args.prediction_type, family=args.family)
+    label = {"sd": "Stable Diffusion", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}[args.family]
+    print(f"tiny {label} pipeline ({args.size}) written to "
           f"{args.out_dir}")
 
 

@@ -30,6 +30,16 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """A tiny random SD 2.x-like pipeline folder (tiny_sd.py --family sd2), built once per test session."""
+    from tiny_sd import save_tiny_pipeline
+
+    out = str(tmp_path_factory.mktemp("tiny_sd2"))
+    save_tiny_pipeline(out, family="sd2")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """A tiny random SDXL pipeline folder (tiny_sd.py --family sdxl), built once per test session."""
     from tiny_sd import save_tiny_sdxl_pipeline

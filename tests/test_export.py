@@ -20,16 +20,24 @@ def _config(folder, sub):
 
 
 def original_config_yaml(folder):
-    """The pipeline's architecture in the original (CompVis) config format, derived from its
+    """The pipeline's architecture in the original config format (CompVis' for SD 1.x, Stability's for
+    2.x: OpenCLIP, Linear attention projections, a fixed head width, v-prediction), derived from its
     config.json files so that ppdiffusers' own converter can read the exported file back."""
     unet, vae = _config(folder, "unet"), _config(folder, "vae")
     ch, vae_ch = unet["block_out_channels"][0], vae["block_out_channels"][0]
     # The original marks attention levels by downsampling factor (1, 2, 4, ...).
     attn = [2 ** i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]
+    sd2 = _config(folder, "text_encoder")["hidden_act"] == "gelu"
+    heads = unet["attention_head_dim"]
+    # SD 2.x's config gives the head width, from which the reader derives each block's head count.
+    heads = f"num_head_channels: {ch // heads[0]}\n        use_linear_in_transformer: true" if sd2 \
+        else f"num_heads: {heads}"
+    parameterization = 'parameterization: "v"' if sd2 else ""
     return f"""
 model:
   target: ldm.models.diffusion.ddpm.LatentDiffusion
   params:
+    {parameterization}
     linear_start: 0.00085
     linear_end: 0.012
     timesteps: 1000
@@ -44,7 +52,7 @@ model:
         attention_resolutions: {attn}
         num_res_blocks: {unet["layers_per_block"]}
         channel_mult: {[c // ch for c in unet["block_out_channels"]]}
-        num_heads: {unet["attention_head_dim"]}
+        {heads}
         use_spatial_transformer: true
         transformer_depth: 1
         context_dim: {unet["cross_attention_dim"]}
@@ -65,7 +73,7 @@ model:
           attn_resolutions: []
           dropout: 0.0
     cond_stage_config:
-      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+      target: ldm.modules.encoders.modules.{"FrozenOpenCLIPEmbedder" if sd2 else "FrozenCLIPEmbedder"}
 """
 
 
@@ -329,3 +337,85 @@ def test_export_half_needs_export_single_file(tiny_model):
 
     with pytest.raises(train_dreambooth.DreamBoothError, match="--export_half"):
         train_dreambooth.parse_args(train_args(tiny_model, "x", "y", "--export_half"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion 2.x: its OpenCLIP-H text encoder in OpenCLIP's names under cond_stage_model.model.
+
+SD2_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.model.")
+
+
+@pytest.fixture(scope="module")
+def sd2_run(tiny_sd2, instance_dir, tmp_path_factory):
+    """The output folder of a short full fine-tune of the tiny SD 2.x, text encoder included, with
+    --export_single_file."""
+    from conftest import run_train, train_args
+
+    out = tmp_path_factory.mktemp("sd2") / "my-sd2"
+    run_train(*train_args(tiny_sd2, instance_dir, out, "--train_text_encoder", "--export_single_file"))
+    return out
+
+
+def _read_back_sd2(path, folder, work, monkeypatch):
+    """An SD 2.x single file loaded by StableDiffusionPipeline.from_single_file, offline: the architecture
+    from original_config_yaml, the text encoder's config and the tokenizer from a folder named by the hub id
+    the reader asks for (with local_files_only it takes a folder of that name in the working directory)."""
+    from ppdiffusers import StableDiffusionPipeline
+
+    hub = work / "stabilityai" / "stable-diffusion-2"
+    for sub in ("text_encoder", "tokenizer"):
+        shutil.copytree(os.path.join(folder, sub), hub / sub, dirs_exist_ok=True)
+    (work / "sd2.yaml").write_text(original_config_yaml(folder))
+    monkeypatch.chdir(work)
+    return StableDiffusionPipeline.from_single_file(str(path), original_config_file=str(work / "sd2.yaml"),
+                                                    local_files_only=True, load_safety_checker=False)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_sd2_single_file_round_trips_through_ppdiffusers_sd2_reader(tiny_sd2, sd2_run, tmp_path, monkeypatch, half):
+    """The trainer's SD 2.x file (and the float16 one export_single_file.py writes from the saved folder) loads
+    back through ppdiffusers' SD 2 reader into exactly the saved UNet, text encoder and VAE (float16: each
+    value rounded once), and the text encoder gives the saved pipeline's prompt embeddings."""
+    from conftest import PROMPT, load_weights
+    from ppdiffusers import StableDiffusionPipeline
+
+    path = sd2_run / "my-sd2.safetensors"
+    if half:
+        path = export.export_pipeline(str(sd2_run), str(tmp_path / "half.safetensors"), half=True)["path"]
+    pipe = _read_back_sd2(path, str(sd2_run), tmp_path / "reader", monkeypatch)
+    for name in COMPONENTS:
+        saved = load_weights(sd2_run, name)
+        got = {k: v.numpy() for k, v in getattr(pipe, name).state_dict().items()}
+        assert set(got) == set(saved), name
+        for key, value in saved.items():
+            want = value.astype(np.float16).astype(np.float32) if half else value
+            assert np.array_equal(got[key], want), f"{name}.{key} differs after the round trip"
+    if not half:
+        saved_pipe = StableDiffusionPipeline.from_pretrained(str(sd2_run), safety_checker=None)
+        want, got = (p.encode_prompt(PROMPT, num_images_per_prompt=1, do_classifier_free_guidance=False)[0].numpy()
+                     for p in (saved_pipe, pipe))
+        assert np.abs(got - want).max() <= 1e-5
+    base = load_weights(tiny_sd2, "text_encoder")
+    assert any(not np.array_equal(base[k], v) for k, v in load_weights(sd2_run, "text_encoder").items()), "trained?"
+
+
+def test_sd2_single_file_has_the_open_clip_names_other_tools_look_up(sd2_run):
+    from conftest import load_weights
+
+    tensors = load_file(str(sd2_run / "my-sd2.safetensors"))
+    assert all(k.startswith(SD2_PREFIXES) for k in tensors), [k for k in tensors if not k.startswith(SD2_PREFIXES)]
+    text = _config(sd2_run, "text_encoder")
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    open_clip = "cond_stage_model.model."
+    # WebUI tells SD 2.x by the fused q, k, v of the first OpenCLIP block; the file holds as many blocks as the
+    # pipeline's encoder (SD 2.x's 23: OpenCLIP's 24 without the last, which SD 2.x never runs).
+    assert tensors[open_clip + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * hidden, hidden)
+    assert len({k.split(".")[4] for k in tensors if k.startswith(open_clip + "transformer.resblocks.")}) == layers
+    for key in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"):
+        assert open_clip + key in tensors, key
+    # SD 2.x never multiplies by text_projection; readers size in_proj's parts from it.
+    assert np.array_equal(tensors[open_clip + "text_projection"], np.eye(hidden, dtype=np.float32))
+    saved = load_weights(sd2_run, "text_encoder")  # Paddle: Linear weights [in, out]
+    q, k, v = (saved[f"text_model.encoder.layers.0.self_attn.{c}_proj.weight"].T for c in "qkv")
+    assert np.array_equal(tensors[open_clip + "transformer.resblocks.0.attn.in_proj_weight"], np.concatenate([q, k, v]))
+    assert export.pipeline_layout(str(sd2_run)) is export.SD2

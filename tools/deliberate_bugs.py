@@ -60,6 +60,7 @@ SD3_FAMILY = "family_sd3.py"
 RESUME = "tests/test_resume.py"
 BENCH, BENCH_TESTS = "bench/benchmark.py", "tests/test_bench.py"
 EFFICACY = "tests/test_efficacy.py"
+EXPORT = "tests/test_export.py"
 
 BUGS = [
     Bug("v_target_ignored", "v-prediction models train against the noise instead of the velocity", F,
@@ -183,6 +184,12 @@ BUGS = [
         "family.export(args.output_dir, out, args.use_lora, args.export_half)",
         "family.export(args.output_dir, out, args.use_lora, False)",
         [BLIND, "-k", "export_half"]),
+    Bug("sd2_exported_as_sd1", "export_single_file.py writes an SD 2.x model's OpenCLIP text encoder in SD 1.x's "
+        "CLIP layout (cond_stage_model.transformer.*)", "export_single_file.py",
+        "        return SD2\n", "        return SD\n", [EXPORT, "-k", "sd2"]),
+    Bug("sd2_trainer_exports_sd1", "the trainer's --export_single_file writes an SD 2.x model in SD 1.x's layout", F,
+        "export_single_file.checkpoint_layout(self.pipeline_class_name, folder)",
+        "export_single_file.LAYOUTS[self.pipeline_class_name]", [EXPORT, "-k", "sd2_single_file_round_trips and fp32"]),
     Bug("sdxl_open_clip_norms_swapped", "the SDXL single file puts the second encoder's layer_norm1 under OpenCLIP's "
         "ln_2 and layer_norm2 under ln_1", "export_single_file.py",
         '"layer_norm1": "ln_1", "layer_norm2": "ln_2"', '"layer_norm1": "ln_2", "layer_norm2": "ln_1"',
