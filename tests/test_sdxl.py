@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (CLASS_PROMPT, GRADIENT_LIKE, PROMPT, load_weights, logged_scalars, make_images, run_cli,
-                      run_train, train_args)
+from conftest import (CLASS_PROMPT, GRADIENT_LIKE, PROMPT, assert_same_weights, load_weights, logged_scalars,
+                      make_images, run_cli, run_train, train_args)
 
 TRAINED = ("unet", "text_encoder", "text_encoder_2")
 RANK = 2
@@ -36,11 +36,7 @@ def sdxl_run(tiny_sdxl, instance_dir, tmp_path_factory):
 
 
 def assert_same(a, b, components=TRAINED, atol=1e-6):
-    for component in components:
-        wa, wb = load_weights(a, component), load_weights(b, component)
-        assert wa.keys() == wb.keys()
-        worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-        assert worst <= atol, f"{component}: largest weight difference {worst}"
+    assert_same_weights(a, b, atol, components)
 
 
 def test_output_loads_generates_and_only_the_vae_is_untouched(tiny_sdxl, sdxl_run):
