@@ -32,6 +32,7 @@ if __name__ == "__main__":  # first thing, before the imports that take most of 
 import argparse
 import collections
 import contextlib
+import gc
 import hashlib
 import importlib.util
 import json
@@ -782,10 +783,9 @@ def load_sampling_pipeline(args, dtype):
 
     family = families.for_model(args.pretrained_model_name_or_path)
     family.check_args(args)  # the run's choices: the sampler, SD3 without T5
-    vae = families.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path) \
+    vae = frozen_on_host({"vae": dtype})("vae", lambda: families.load_vae(
+        args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)) \
         if args.pretrained_vae_model_name_or_path else None
-    if vae is not None and dtype:
-        vae.to(dtype=dtype)
     try:
         pipe = family.from_pretrained(vae=vae, **({"paddle_dtype": getattr(paddle, dtype)} if dtype else {}))
     except Exception as e:
@@ -916,6 +916,7 @@ def load_classes(concepts, args, world_size, rank, precision):
     for concept in concepts:
         pipe = generate_class_images(concept, args, world_size, rank, precision, pipe)
     del pipe
+    gc.collect()  # its layers hold reference cycles (remember_last_output): free them before training loads
     barrier()  # every rank waits until all class images are on disk
     for concept in concepts:
         wanted = int(concept.get("num_class_images", args.num_class_images))

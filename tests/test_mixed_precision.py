@@ -376,3 +376,33 @@ def test_frozen_parts_reach_the_gpu_already_in_half(request, instance_dir, tmp_p
     ledger.measure()
     assert ledger.peak == expected_peak == estimate["start-up"]
 
+
+def test_the_class_image_pipeline_is_freed_before_the_training_models_load(tiny_model, instance_dir, tmp_path,
+                                                                          monkeypatch):
+    """The sampling pipeline's layers hold reference cycles (the cross-attention keys and values it
+    reuses), which `del` alone leaves to a later garbage collection: on a GPU their weights would sit
+    next to the training models at start-up. None of its weighted layers is alive when they load."""
+    import weakref
+
+    import families
+    import train_dreambooth
+
+    layers, alive_at_load = [], []
+    real_pipeline, real_load = train_dreambooth.load_sampling_pipeline, families.SD.load
+
+    def load_sampling_pipeline(*a, **k):
+        pipe = real_pipeline(*a, **k)
+        for name in ("unet", "vae", "text_encoder"):
+            layers.extend(weakref.ref(layer) for layer in getattr(pipe, name).sublayers()
+                          if layer.parameters(include_sublayers=False))
+        return pipe
+
+    def load(family, *a, **k):
+        alive_at_load.append(sum(ref() is not None for ref in layers))
+        return real_load(family, *a, **k)
+    monkeypatch.setattr(train_dreambooth, "load_sampling_pipeline", load_sampling_pipeline)
+    monkeypatch.setattr(families.SD, "load", load)
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation", "--class_prompt",
+                          CLASS_PROMPT, "--class_data_dir", tmp_path / "class", "--num_class_images", 1,
+                          "--class_inference_steps", 1, "--max_train_steps", 1))
+    assert len(layers) > 50 and alive_at_load == [0]

@@ -300,6 +300,9 @@ BUGS = [
         "return model.to(device=paddle.device.get_device(), dtype=frozen[name])",
         "return model.to(device=paddle.device.get_device()).to(dtype=frozen[name])",
         ["tests/test_mixed_precision.py", "-k", "reach_the_gpu"]),
+    Bug("class_pipeline_left_to_gc", "the class-image pipeline's layers (reference cycles) are still alive when "
+        "the training models load", T, "    gc.collect()  # its layers hold reference cycles", "    pass",
+        ["tests/test_mixed_precision.py", "-k", "freed_before"]),
     # SD 1.x has one text encoder, so only SDXL's and SD3's resume can take the second one from the base.
     Bug("resume_takes_only_the_first_text_encoder", "a full fine-tune resumed with --train_text_encoder takes "
         "text_encoder from the checkpoint but the second one (SDXL, SD3) from the base model", F,
