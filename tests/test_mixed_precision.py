@@ -343,7 +343,9 @@ def test_frozen_parts_reach_the_gpu_already_in_half(request, instance_dir, tmp_p
     folder = request.getfixturevalue(model)
     half = {"fp16": "float16", "bf16": "bfloat16"}[flags[1]]
     base = DiffusionPipeline.from_pretrained(folder)  # before the ledger: host memory, not counted
-    trained = {"transformer", "unet"} | ({"text_encoder", "text_encoder_2"} if "--train_text_encoder" in flags else set())
+    trained = {"transformer", "unet"}
+    if "--train_text_encoder" in flags:
+        trained |= {"text_encoder", "text_encoder_2"}
     counts = {name: sum(math.prod(p.shape) for p in getattr(base, name).parameters())
               for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
               if getattr(base, name, None) is not None}
