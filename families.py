@@ -12,11 +12,13 @@ family subclasses SD (the reference), overrides what differs and is registered i
                                       args.class_sampler when not given. A subclass calls SD's, which
                                       refuses SD3's flags, or replaces it whole (SD3).
   unreachable(name, text_encoder)     parameter prefixes the conditioning never reads (frozen, no LoRA).
-  load(args, resume_from, reading_checkpoint) -> Parts
+  load(args, resume_from, reading_checkpoint, place) -> Parts
                                       tokenizers and text_encoders ({component name: object}), vae,
                                       denoiser, noise_scheduler. Resuming a full fine-tune loads the
                                       trained parts from the checkpoint folder (reading_checkpoint names
-                                      a file that fails).
+                                      a file that fails). Every model is loaded through
+                                      place(component name, loader) (the trainer's: frozen parts are
+                                      loaded on the host, cast and then moved to the device).
   tokenize(tokenizers, prompt)        -> per tokenizer (input ids, attention mask) (cached per prompt).
   encode(text_encoders, ids)          ids: list (batch) of tokenize() results -> conditioning, a dict
                                       of tensors with the batch first. For frozen encoders the trainer
@@ -267,21 +269,23 @@ class SD:
         """The text encoders this run reads (all the model has, for SD and SDXL)."""
         return self.text_encoder_names
 
-    def load(self, args, resume_from=None, reading_checkpoint=None):
+    def load(self, args, resume_from=None, reading_checkpoint=None, place=None):
         """The parts; resuming a full fine-tune takes the trained ones from the checkpoint (LoRA resumes
         onto the base). reading_checkpoint(folder, name): the context that names a checkpoint file that
-        fails to load."""
+        fails to load. place(name, loader): returns the model of that pipeline component, loading it
+        with loader() where it chooses (default: loader() as it is)."""
         import ppdiffusers
 
+        place = place or (lambda name, loader: loader())
         model, checkpoint = self.model, resume_from if not args.use_lora else None
         tokenizers = self.load_tokenizers(args)
-        text_encoders = {name: load_component(model, name, load_text_encoder_class(model, name),
-                                              args.train_text_encoder and name in self.trained_text_encoders
-                                              and checkpoint, reading_checkpoint)
-                         for name in self.used_text_encoders()}
-        vae = load_vae(model, args.pretrained_vae_model_name_or_path)
-        denoiser = load_component(model, self.denoiser_name, getattr(ppdiffusers, self.denoiser_class), checkpoint,
-                                  reading_checkpoint)
+        text_encoders = {name: place(name, lambda name=name: load_component(
+            model, name, load_text_encoder_class(model, name),
+            args.train_text_encoder and name in self.trained_text_encoders and checkpoint, reading_checkpoint))
+            for name in self.used_text_encoders()}
+        vae = place("vae", lambda: load_vae(model, args.pretrained_vae_model_name_or_path))
+        denoiser = place(self.denoiser_name, lambda: load_component(
+            model, self.denoiser_name, getattr(ppdiffusers, self.denoiser_class), checkpoint, reading_checkpoint))
         scheduler_class = getattr(ppdiffusers, self.scheduler_class)
         noise_scheduler = load_part(model, "scheduler",
                                     lambda: scheduler_class.from_pretrained(model, subfolder="scheduler"))
@@ -516,10 +520,10 @@ class SD3(SD):
         """Without T5 (--drop_t5, or a model saved without it) T5 is not loaded at all."""
         return self.text_encoder_names[:3 if self.use_t5 else 2]
 
-    def load(self, args, resume_from=None, reading_checkpoint=None):
+    def load(self, args, resume_from=None, reading_checkpoint=None, place=None):
         import family_sd3
 
-        parts = super().load(args, resume_from, reading_checkpoint)
+        parts = super().load(args, resume_from, reading_checkpoint, place)
         # Kept apart: a pipeline built on this scheduler would replace its schedule by the sampling one.
         self.schedule = family_sd3.training_schedule(parts.noise_scheduler)
         self.joint_attention_dim = parts.denoiser.config.joint_attention_dim

@@ -114,7 +114,7 @@ def activation_elements(config, latent_hw, tokens, checkpointing, efficient_atte
 class Plan(NamedTuple):
     rows: list  # (label, bytes) on the GPU while training
     training: int  # their sum
-    start_up: int  # every part as loaded, fp32, before frozen parts are cast and parked
+    start_up: int  # every part on the GPU at once, before parking (frozen ones arrive already cast)
     borrowed: int  # parked parts brought back for validation and diagnostics
 
 
@@ -140,7 +140,11 @@ def plan(parts, denoiser_config, batch, half, checkpointing, efficient_attention
         (f"{kind} activations, batch {batch}{', checkpointed' if checkpointing else ''} (rough)",
          (2 if half else 4) * batch * acts),
     ]
-    return Plan(rows, sum(size for _, size in rows), 4 * sum(p.params for p in parts),
+    weights = [4 * p.trained + p.frozen_bytes * (p.params - p.trained) for p in parts]
+    # Start-up: frozen parts are loaded on the host and reach the GPU already cast (train_dreambooth.
+    # frozen_on_host), so the peak is every weight in its run dtype, while the prompts and images are
+    # encoded once, before the parts whose outputs are cached are parked.
+    return Plan(rows, sum(size for _, size in rows), sum(weights),
                 sum(p.frozen_bytes * (p.params - p.trained) for p in parts if p.parked))
 
 
@@ -174,7 +178,7 @@ def estimate(denoiser, text_encoders, vae, parked, args, latent_hw, tokens):
     result = plan(parts, config, batch, args.mixed_precision in ("fp16", "bf16"), args.gradient_checkpointing,
                   kernel, latent_hw, tokens, args.use_lora)
     rows = result.rows + [("total while training (estimate)", result.training),
-                          ("start-up: every part as loaded, fp32, before casts and parking", result.start_up),
+                          ("start-up: every part on the GPU, frozen ones as cast, before parking", result.start_up),
                           ("validation and diagnostics bring the parked parts back: +", result.borrowed)]
     note = ("estimate: weights, gradients and optimizer states are exact counts; activations are a rough count "
             f"of the {kind}'s (text-encoder and VAE activations, CUDA context and allocator overhead are excluded)")

@@ -32,6 +32,7 @@ if __name__ == "__main__":  # first thing, before the imports that take most of 
 import argparse
 import collections
 import contextlib
+import gc
 import hashlib
 import importlib.util
 import json
@@ -643,6 +644,22 @@ def load_lora(pipe, folder):
     return pipe
 
 
+def frozen_on_host(frozen):
+    """family.load's place(): a frozen model (`frozen`: its component name -> the dtype it runs in, None
+    for fp32) is loaded in host memory and moved to the device in that dtype (cast tensor by tensor on
+    the way), so the device never holds it in fp32 next to the rest; the trained ones load on the
+    device as they are. On a CPU the move is a no-op and nothing is cast."""
+    import paddle
+
+    def place(name, loader):
+        if name not in frozen:
+            return loader()
+        with on_host():
+            model = loader()
+        return model.to(device=paddle.device.get_device(), dtype=frozen[name])
+    return place
+
+
 def park(models):
     """Move frozen models whose per-step work is cached (the VAE with cached latents, a frozen text
     encoder) to host memory: on a GPU their memory goes to training. `borrowed` brings them back
@@ -766,10 +783,9 @@ def load_sampling_pipeline(args, dtype):
 
     family = families.for_model(args.pretrained_model_name_or_path)
     family.check_args(args)  # the run's choices: the sampler, SD3 without T5
-    vae = families.load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path) \
+    vae = frozen_on_host({"vae": dtype})("vae", lambda: families.load_vae(
+        args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)) \
         if args.pretrained_vae_model_name_or_path else None
-    if vae is not None and dtype:
-        vae.to(dtype=dtype)
     try:
         pipe = family.from_pretrained(vae=vae, **({"paddle_dtype": getattr(paddle, dtype)} if dtype else {}))
     except Exception as e:
@@ -900,6 +916,7 @@ def load_classes(concepts, args, world_size, rank, precision):
     for concept in concepts:
         pipe = generate_class_images(concept, args, world_size, rank, precision, pipe)
     del pipe
+    gc.collect()  # its layers hold reference cycles (remember_last_output): free them before training loads
     barrier()  # every rank waits until all class images are on disk
     for concept in concepts:
         wanted = int(concept.get("num_class_images", args.num_class_images))
@@ -1672,7 +1689,14 @@ def train(args, mkl_code_path):
     # --- Models: what the family loads; the loop below never asks which family it is.
     set_phase("loading the models", "nothing of this run was written" + (
         " but whole class images, which are kept" if args.with_prior_preservation else "") + ": rerun the same command")
-    parts = family.load(args, resume_from, reading_checkpoint)
+    trained_text = [name for name in family.trained_text_encoders if args.train_text_encoder]
+    # Trained weights stay fp32; frozen ones only ever run forward, in the half dtype of mixed precision,
+    # except a VAE that overflows in fp16 (SDXL's own), which stays fp32 and encodes outside autocast.
+    keep_vae_fp32 = family.vae_overflows_in_fp16 and not args.pretrained_vae_model_name_or_path \
+        and dtype == "float16"
+    frozen = {name: dtype for name in family.text_encoder_names if name not in trained_text}
+    frozen["vae"] = None if keep_vae_fp32 else dtype
+    parts = family.load(args, resume_from, reading_checkpoint, frozen_on_host(frozen))
     tokenizers, text_encoders, vae, denoiser, noise_scheduler = (parts.tokenizers, parts.text_encoders, parts.vae,
                                                                  parts.denoiser, parts.noise_scheduler)
     check_prompts(next(iter(tokenizers.values())), concepts, instances, args.validation_prompt)
@@ -1687,7 +1711,6 @@ def train(args, mkl_code_path):
     vae.eval()
     for p in vae.parameters():
         p.stop_gradient = True
-    trained_text = [name for name in family.trained_text_encoders if args.train_text_encoder]
     for name, text_encoder in text_encoders.items():
         text_encoder.train() if name in trained_text else text_encoder.eval()
         unreachable = tuple(family.unreachable(name, text_encoder))
@@ -1710,12 +1733,6 @@ def train(args, mkl_code_path):
                 for name, p in lora_training_state(models).items():
                     p.set_value(saved[name])
     frozen_text = [m for name, m in text_encoders.items() if name not in trained_text]
-    # A VAE that overflows in fp16 (SDXL's own) stays fp32 and encodes outside autocast.
-    keep_vae_fp32 = family.vae_overflows_in_fp16 and not args.pretrained_vae_model_name_or_path \
-        and dtype == "float16"
-    if dtype:  # trained weights stay fp32; frozen ones only ever run forward
-        for model in ([] if keep_vae_fp32 else [vae]) + frozen_text:
-            model.to(dtype=dtype)
     scaler = grad_scaler(dtype)
     vae_autocast = contextlib.nullcontext if keep_vae_fp32 else autocast
     if args.enable_xformers_memory_efficient_attention:

@@ -6,6 +6,7 @@ the trainer's own code through it. tools/gpu_check.sh runs the real thing on a G
 """
 import contextlib
 import json
+import math
 import os
 import pickle
 
@@ -264,3 +265,146 @@ def test_the_memory_estimate_reads_the_attention_kernel_the_unet_really_runs(tin
         pass
     next(layer for layer in unet.sublayers() if isinstance(layer, Attention)).processor = FusedKernel()
     assert efficient_attention_in_use(unet)
+
+
+class DeviceLedger:
+    """A stand-in GPU for the CPU: paddle's current device is a name (set_device / get_device, as
+    train_dreambooth.on_host switches it), and every parameter created while that name is a GPU, or moved
+    there by Layer.to, is counted as GPU memory in its dtype at that moment. Casts are real; the moves
+    only change the ledger. Records each parameter's dtype when it arrived, and the peak bytes."""
+
+    def __init__(self, monkeypatch):
+        import paddle
+
+        self.now, self.params, self.on_device, self.arrived, self.peak = "gpu:0", [], {}, {}, 0
+        real_create, real_to = paddle.nn.Layer.create_parameter, paddle.nn.Layer.to
+        ledger = self
+
+        def create_parameter(layer, *a, **k):
+            p = real_create(layer, *a, **k)
+            ledger.params.append(p)  # kept alive: ids stay unique
+            if p is not None and ledger.now.startswith("gpu"):
+                ledger.arrive(p)
+            return p
+
+        def to(layer, device=None, dtype=None, *a, **k):
+            ledger.measure()
+            if dtype is not None:
+                real_to(layer, dtype=dtype)
+            if device is not None:
+                for p in layer.parameters():
+                    if str(device).startswith("gpu"):
+                        ledger.arrive(p)
+                    else:
+                        ledger.on_device.pop(id(p), None)
+            ledger.measure()
+            return layer
+
+        for module in (paddle, paddle.device):  # paddlenlp's loader switches with paddle.set_device
+            monkeypatch.setattr(module, "get_device", lambda: self.now)
+            monkeypatch.setattr(module, "set_device", lambda device: setattr(self, "now", device))
+        monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: (8, 0))
+        monkeypatch.setattr(paddle, "is_compiled_with_rocm", lambda: False)
+        monkeypatch.setattr(paddle.nn.Layer, "create_parameter", create_parameter)
+        monkeypatch.setattr(paddle.nn.Layer, "to", to)
+
+    def arrive(self, p):
+        if id(p) not in self.on_device:
+            self.arrived.setdefault(id(p), str(p.dtype).replace("paddle.", ""))
+        self.on_device[id(p)] = p
+
+    def measure(self):
+        sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
+        self.peak = max(self.peak, sum(math.prod(p.shape) * sizes[str(p.dtype).replace("paddle.", "")]
+                                       for p in self.on_device.values()))
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model,flags,half_vae", [
+    ("tiny_sd3", ["--mixed_precision", "fp16"], True),
+    ("tiny_sdxl", ["--mixed_precision", "fp16"], False),  # SDXL's own VAE overflows in fp16: kept fp32
+    ("tiny_sdxl", ["--mixed_precision", "bf16", "--train_text_encoder"], True),
+])
+def test_frozen_parts_reach_the_gpu_already_in_half(request, instance_dir, tmp_path, monkeypatch, model, flags,
+                                                    half_vae):
+    """Under mixed precision the frozen parts (VAE, text encoders not trained) only ever run in half, so
+    they are loaded in host memory and reach the GPU cast: the start-up peak is the trained parts in
+    fp32 plus the frozen ones in half, never every part in fp32 (SD3's T5 alone would not fit a 24 GB
+    GPU in fp32). Driven on the CPU through a stand-in device up to the memory estimate (the rest needs
+    a GPU); the peak is compared with a count from the model's own folders and with the estimate."""
+    from ppdiffusers import DiffusionPipeline
+
+    import families
+    import memory_estimate
+
+    folder = request.getfixturevalue(model)
+    half = {"fp16": "float16", "bf16": "bfloat16"}[flags[1]]
+    base = DiffusionPipeline.from_pretrained(folder)  # before the ledger: host memory, not counted
+    trained = {"transformer", "unet"}
+    if "--train_text_encoder" in flags:
+        trained |= {"text_encoder", "text_encoder_2"}
+    counts = {name: sum(math.prod(p.shape) for p in getattr(base, name).parameters())
+              for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+              if getattr(base, name, None) is not None}
+    expected_dtype = {name: "float32" if name in trained or (name == "vae" and not half_vae) else half
+                      for name in counts}
+    expected_peak = sum(n * (4 if expected_dtype[name] == "float32" else 2) for name, n in counts.items())
+    del base
+    ledger = DeviceLedger(monkeypatch)
+    estimate = {}
+
+    def log_estimate(log, rows, note):
+        estimate.update({label.split(":")[0]: size for label, size in rows})
+        raise Stop
+    monkeypatch.setattr(memory_estimate, "log_estimate", log_estimate)
+    parts = {}
+    real_load = families.SD.load
+
+    def load(family, *a, **k):
+        result = real_load(family, *a, **k)
+        parts.update(vae=result.vae, **{family.denoiser_name: result.denoiser}, **result.text_encoders)
+        return result
+    monkeypatch.setattr(families.SD, "load", load)
+    with pytest.raises(Stop):
+        run_train(*train_args(folder, instance_dir, tmp_path / "out", "--print_memory_estimate", *flags))
+    assert parts.keys() == counts.keys()
+    for name, part in parts.items():
+        arrived = {ledger.arrived.get(id(p)) for p in part.parameters()}
+        assert arrived == {expected_dtype[name]}, f"{name} reached the GPU as {arrived}"
+        assert all(id(p) in ledger.on_device for p in part.parameters()), f"{name} is not on the GPU"
+    ledger.measure()
+    assert ledger.peak == expected_peak == estimate["start-up"]
+
+
+def test_the_class_image_pipeline_is_freed_before_the_training_models_load(tiny_model, instance_dir, tmp_path,
+                                                                          monkeypatch):
+    """The sampling pipeline's layers hold reference cycles (the cross-attention keys and values it
+    reuses), which `del` alone leaves to a later garbage collection: on a GPU their weights would sit
+    next to the training models at start-up. None of its weighted layers is alive when they load."""
+    import weakref
+
+    import families
+    import train_dreambooth
+
+    layers, alive_at_load = [], []
+    real_pipeline, real_load = train_dreambooth.load_sampling_pipeline, families.SD.load
+
+    def load_sampling_pipeline(*a, **k):
+        pipe = real_pipeline(*a, **k)
+        for name in ("unet", "vae", "text_encoder"):
+            layers.extend(weakref.ref(layer) for layer in getattr(pipe, name).sublayers()
+                          if layer.parameters(include_sublayers=False))
+        return pipe
+
+    def load(family, *a, **k):
+        alive_at_load.append(sum(ref() is not None for ref in layers))
+        return real_load(family, *a, **k)
+    monkeypatch.setattr(train_dreambooth, "load_sampling_pipeline", load_sampling_pipeline)
+    monkeypatch.setattr(families.SD, "load", load)
+    run_train(*train_args(tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation", "--class_prompt",
+                          CLASS_PROMPT, "--class_data_dir", tmp_path / "class", "--num_class_images", 1,
+                          "--class_inference_steps", 1, "--max_train_steps", 1))
+    assert len(layers) > 50 and alive_at_load == [0]

@@ -175,9 +175,9 @@ def activations(plan):
 
 HEADERS = {
     "en": ["flags (cached latents)", "trained parameters", "weights on the GPU, gradients, AdamW", "activations",
-           "**total while training**", "start-up (fp32 weights as loaded)", "validation brings back"],
+           "**total while training**", "start-up (every part on the GPU)", "validation brings back"],
     "zh": ["参数（缓存潜变量）", "训练的参数", "GPU 上的权重、梯度、AdamW", "激活值", "**训练时合计**",
-           "启动时（加载时的 fp32 权重）", "验证时取回"],
+           "启动时（所有部分都在 GPU 上）", "验证时取回"],
 }
 
 
@@ -205,7 +205,7 @@ def render(model, language):
         state = [fp32.training - activations(fp32), fp16.training - activations(fp16)]
         cells = [labels[lang], f"{trained / 1e6:.4g} M", pair(gib(state[0]), gib(state[1])),
                  f"{gib(activations(fp32))} / {gib(activations(fp16))}",
-                 f"**{gib(fp32.training)} / {gib(fp16.training)}**", gib(fp16.start_up),
+                 f"**{gib(fp32.training)} / {gib(fp16.training)}**", pair(gib(fp32.start_up), gib(fp16.start_up)),
                  f"{gib(fp32.borrowed)} / {gib(fp16.borrowed)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
