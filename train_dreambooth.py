@@ -656,7 +656,7 @@ def frozen_on_host(frozen):
             return loader()
         with on_host():
             model = loader()
-        return model.to(device=paddle.device.get_device(), dtype=frozen[name])
+        return model.to(device=paddle.get_device(), dtype=frozen[name])
     return place
 
 
