@@ -19,13 +19,15 @@ CLASS_PROMPT = "a photo of dog"
 GRADIENT_LIKE = ["--learning_rate", 0.1, "--adam_epsilon", 1.0]
 
 
-def _mkl_code_path_as_the_trainer_chooses():
+@pytest.fixture(scope="session", autouse=True)
+def mkl_code_path_as_the_trainer_chooses():
     """MKL picks its code once, at its first call in a process, and on an AMD processor the trainer
     asks it for its AVX2 code (choose_mkl_code_path) before any Paddle op. A training subprocess
     always gets that choice; a run in this process (run_train) only if no fixture ran a Paddle op
     first. Runs compared with each other (killed in a subprocess, resumed here) must compute the
-    same way, so this process makes the choice at once, and keeps it out of the environment its
-    subprocesses inherit (they make it themselves, as a user's run does)."""
+    same way, so this process makes the choice before any test, and keeps it out of the environment its
+    subprocesses inherit (they make it themselves, as a user's run does). A fixture, not an import-time
+    call: collecting tests (tools/deliberate_bugs.py --check does it per bug) stays free of Paddle."""
     import train_dreambooth
 
     if train_dreambooth.choose_mkl_code_path():
@@ -33,9 +35,6 @@ def _mkl_code_path_as_the_trainer_chooses():
 
         paddle.matmul(paddle.ones([8, 8]), paddle.ones([8, 8]))  # MKL's first call: it reads the variable
         os.environ.pop("MKL_DEBUG_CPU_TYPE")
-
-
-_mkl_code_path_as_the_trainer_chooses()
 
 
 @pytest.fixture(scope="session")

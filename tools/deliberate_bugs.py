@@ -20,8 +20,8 @@ The full run is not part of CI (it runs each selection once per bug, minutes in 
 claiming that the tests guard the behaviours below, and after refactoring the code they name.
 """
 import argparse
-import concurrent.futures
 import datetime
+import json
 import os
 import re
 import shutil
@@ -297,8 +297,8 @@ BUGS = [
         ["tests/test_bench.py", "-k", "keeps_on_the_gpu"]),
     Bug("frozen_parts_moved_before_cast", "under mixed precision a frozen part (T5, a CLIP, the VAE) reaches the "
         "GPU in fp32 and is cast there: the start-up peak holds it in fp32 next to the rest", T,
-        "return model.to(device=paddle.device.get_device(), dtype=frozen[name])",
-        "return model.to(device=paddle.device.get_device()).to(dtype=frozen[name])",
+        "return model.to(device=paddle.get_device(), dtype=frozen[name])",
+        "return model.to(device=paddle.get_device()).to(dtype=frozen[name])",
         ["tests/test_mixed_precision.py", "-k", "reach_the_gpu"]),
     Bug("class_pipeline_left_to_gc", "the class-image pipeline's layers (reference cycles) are still alive when "
         "the training models load", T, "    gc.collect()  # its layers hold reference cycles", "    pass",
@@ -399,24 +399,38 @@ def pytest_env():
                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 
 
-def collection_problem(tests, folder):
-    """None if the pytest selection collects at least one test in folder, else why not."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
-                          cwd=folder, env=pytest_env(), capture_output=True, text=True)
-    if proc.returncode == 0:
-        return None
-    if proc.returncode == 5:
-        return "collects no test"
-    last = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-    return f"does not collect (pytest exit status {proc.returncode}: {' '.join(last)})"
+# Collects each selection with pytest.main in one interpreter, so the test modules are imported once
+# rather than once per selection. Prints, per selection, pytest's exit status and its last output line.
+COLLECTOR = r"""
+import contextlib, io, json, sys
+import pytest
+results = []
+for tests in json.loads(sys.stdin.read()):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = int(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *tests]))
+    results.append([code, (out.getvalue().strip().splitlines() or [""])[-1]])
+print(json.dumps(results))
+"""
+
+
+def collection_problems(selections, folder):
+    """{selection: None if it collects at least one test in folder, else why not}."""
+    selections = list(selections)
+    proc = subprocess.run([sys.executable, "-c", COLLECTOR], input=json.dumps(selections), cwd=folder,
+                          env=pytest_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"collecting the selections failed: {proc.stderr.strip()[-500:]}")
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    why = {0: None, 5: "collects no test"}
+    return {tuple(tests): why.get(code, f"does not collect (pytest exit status {code}: {last})")
+            for tests, (code, last) in zip(selections, results)}
 
 
 def check(bugs, folder=ROOT):
     """Without running a test: one line for each bug whose snippet does not occur exactly once, or whose
     test selection collects no test (or does not import). Each distinct selection is collected once."""
-    selections = {tuple(b.tests) for b in bugs}
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        collected = dict(zip(selections, pool.map(lambda tests: collection_problem(tests, folder), selections)))
+    collected = collection_problems({tuple(b.tests) for b in bugs}, folder)
     problems = []
     for bug in bugs:
         problem = snippet_problem(bug, folder)
