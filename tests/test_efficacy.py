@@ -43,6 +43,28 @@ def test_the_judge_knows_fresh_drawn_pictures(judge):
     assert np.mean((answer["subject"] > 0.5) == np.array([d[3] > 0.5 for d in data])) >= 0.9
 
 
+def test_the_object_masks_belong_to_the_pictures_the_base_is_trained_on():
+    """world/build_base.py --objects_steps weighs the object's latent pixels by these masks: drawing with a
+    mask must give the very pictures (and random draws) of world/drawn_world.samples, and each mask must
+    cover the object, not the scene: the pixels where the picture differs from its scene alone."""
+    import drawn_world
+
+    plain, masked = drawn_world.samples(2, seed=7), drawn_world.samples(2, seed=7, with_mask=True)
+    assert len(plain) == len(masked) == 40
+    for (image, obj, kind), ((same, mask), obj2, kind2) in zip(plain, masked):
+        assert (obj, kind) == (obj2, kind2) and np.array_equal(np.asarray(image), np.asarray(same))
+        assert 0.02 < mask.mean() < 0.4, (obj, kind, mask.mean())
+    # independent of draw(): the scene alone, from the same random state, differs from the picture exactly
+    # inside the mask
+    from PIL import Image
+
+    rng, again = np.random.default_rng(3), np.random.default_rng(3)
+    (image, mask) = drawn_world.draw("cup", "beach", rng, with_mask=True)
+    background = Image.new("RGB", (64, 64))
+    drawn_world.scene(drawn_world.Canvas(background), again, "beach", 64.0)
+    assert np.array_equal((np.asarray(image) != np.asarray(background)).any(axis=2), mask)
+
+
 @pytest.mark.parametrize("obj,scene", [("bucket", "beach"), ("dog", "snow"), ("ball", "grass")])
 def test_the_base_model_draws_the_prompted_scene(judge, obj, scene):
     """Scenes only: the base's objects are blurred blobs the judge tells apart less reliably

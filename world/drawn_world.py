@@ -177,14 +177,16 @@ def ball(c, rng, x, ground, size):
     c.ellipse(x - r * 0.55, cy - r * 0.7, x - r * 0.15, cy - r * 0.35, (255, 255, 255))  # highlight
 
 
-def draw(obj, scene_kind, rng, size=64, colours=None, width=None):
+def draw(obj, scene_kind, rng, size=64, colours=None, width=None, with_mask=False):
     """One picture (PIL RGB, size px high, width px wide) of obj in scene_kind. colours fixes a
-    toy's colours (the subject); otherwise they are drawn from rng."""
+    toy's colours (the subject); otherwise they are drawn from rng. with_mask: (picture, mask), the
+    mask a boolean array of the pixels the object changed; the picture and rng are the same."""
     width = width or size
     image = Image.new("RGB", (width, size))
     c = Canvas(image)
     units_wide = 64.0 * width / size
     ground = scene(c, rng, scene_kind, units_wide)
+    background = np.asarray(image).copy() if with_mask else None
     thing = float(rng.uniform(20, 30))
     x = float(rng.uniform(thing * 0.6, units_wide - thing * 0.6))
     flip = bool(rng.random() < 0.5)
@@ -198,16 +200,19 @@ def draw(obj, scene_kind, rng, size=64, colours=None, width=None):
         cup(c, rng, x, ground + float(rng.uniform(0, 8)), thing * 0.8, flip)
     else:
         ball(c, rng, x, ground + float(rng.uniform(0, 8)), thing * 0.8)
+    if with_mask:
+        return image, (np.asarray(image) != background).any(axis=2)
     return image
 
 
-def samples(n_per_pair, seed):
-    """n_per_pair pictures of every (object, scene) pair: [(image, object, scene)], a fixed order."""
+def samples(n_per_pair, seed, with_mask=False):
+    """n_per_pair pictures of every (object, scene) pair: [(image, object, scene)], a fixed order;
+    with_mask: [((image, object mask), object, scene)], the same pictures."""
     rng = np.random.default_rng(seed)
     out = []
     for obj in OBJECTS:
         for kind in SCENES:
-            out += [(draw(obj, kind, rng), obj, kind) for _ in range(n_per_pair)]
+            out += [(draw(obj, kind, rng, with_mask=with_mask), obj, kind) for _ in range(n_per_pair)]
     return out
 
 
