@@ -150,3 +150,16 @@ def test_class_images_other_processes_cannot_see_stop_the_run(tiny_model, tmp_pa
     with pytest.raises(train_dreambooth.DreamBoothError, match="--class_data_dir .* folder they share"):
         train_dreambooth.load_classes(train_dreambooth.read_concepts(args), args, 2, 0, FULL_PRECISION)
     assert len(os.listdir(tmp_path / "class")) == 1
+
+
+def test_a_multi_process_run_that_fails_exits_non_zero_with_its_one_line_error(tiny_model, tmp_path):
+    """Each rank ends without C++ teardown (train_dreambooth.exit_now) but with the exit status of its run,
+    so the launcher, and run_multi.sh, report the failure."""
+    argv = train_args(tiny_model, tmp_path / "no_photos", tmp_path / "out")
+    result = run_cli([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                      str(tmp_path / "log"), "train_dreambooth.py", *argv])
+    logs = worker_logs(tmp_path / "log")
+    assert result.returncode != 0, logs[-3000:]
+    errors = [line for line in logs.splitlines() if line.startswith("train_dreambooth.py: error:")]
+    assert len(errors) == 2 and all("--instance_data_dir" in line for line in errors), logs[-3000:]
+    assert "Traceback" not in logs
