@@ -65,7 +65,7 @@ LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine
 # loss scale starts high and halves on every other overflow, so a healthy run skips a few at most.
 MAX_CONSECUTIVE_SKIPS = 25
 # Independent random streams, so that e.g. changing augmentation never changes the noise.
-ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3
+ORDER_STREAM, AUGMENT_STREAM, NOISE_STREAM, CAPTION_STREAM = 1, 2, 3, 4
 # Flags that must match between a run and its resumption: they change which batch, noise or
 # model a step sees. Everything else may change on resume; a new --max_train_steps extends or
 # shortens the run (and stretches a decaying lr schedule to the new length).
@@ -120,11 +120,18 @@ def build_parser():
                    help="Scheduler that generates class images (the model's own: 'model'; default: dpm_solver, "
                         "for SD3 its own).")
     g.add_argument("--class_inference_steps", type=int, default=25, help="Sampling steps per class image.")
+    g.add_argument("--class_guidance_scale", type=float, default=7.5,
+                   help="Classifier-free guidance of the class images (a small or undertrained base model draws "
+                        "oversaturated images at high guidance: try 3-5).")
     g.add_argument("--concepts_list", default=None,
                    help="JSON list of {instance_prompt, instance_data_dir, class_prompt, class_data_dir} to train "
                         "several subjects at once (replaces the four flags).")
     g.add_argument("--use_image_captions", action="store_true",
                    help="An image's caption file (photo.txt beside photo.png) replaces its instance prompt.")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="Share of training samples (instance and class) whose prompt is replaced by the empty "
+                        "prompt, so the unconditional prediction that classifier-free guidance subtracts keeps "
+                        "learning too.")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="Threads preparing upcoming batches (crops, noise) while the model trains.")
     g.add_argument("--height", type=int, default=None, help="Training image height (default 512).")
@@ -271,7 +278,7 @@ def check_args(args):
         raise DreamBoothError("--export_half only applies to --export_single_file; add that flag or drop this one")
     if args.learning_rate <= 0:
         raise DreamBoothError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for flag in ("adam_beta1", "adam_beta2"):
+    for flag in ("adam_beta1", "adam_beta2", "caption_dropout_rate"):
         if not 0 <= getattr(args, flag) < 1:
             raise DreamBoothError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if args.adam_epsilon <= 0:
@@ -279,7 +286,7 @@ def check_args(args):
     if args.max_grad_norm is not None and args.max_grad_norm <= 0:
         raise DreamBoothError(f"--max_grad_norm must be positive (omit it to disable clipping), got {args.max_grad_norm}")
     for flag in ("lr_warmup_steps", "num_class_images", "prior_loss_weight", "noise_offset", "adam_weight_decay", "diagnostics_steps",
-                 "dataloader_num_workers"):
+                 "dataloader_num_workers", "class_guidance_scale"):
         if getattr(args, flag) < 0:
             raise DreamBoothError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     model = args.pretrained_model_name_or_path
@@ -877,7 +884,8 @@ def generate_class_images(concept, args, world_size, rank, precision, pipe=None)
             generators = [paddle.Generator().manual_seed(args.seed + i) for i in batch]
             with autocast():
                 images = pipe([prompt] * len(batch), height=args.height, width=args.width, generator=generators,
-                              num_inference_steps=args.class_inference_steps).images
+                              num_inference_steps=args.class_inference_steps,
+                              guidance_scale=args.class_guidance_scale).images
             for i, image in zip(batch, images):
                 path = os.path.join(folder, class_image_name(prompt, i))
                 with saving(path, "the class images already written are kept: free disk space (or fix the folder) "
@@ -1755,7 +1763,8 @@ def train(args, mkl_code_path):
 
     # --- What never changes is computed once: prompt embeddings of frozen text encoders, and the
     # VAE posterior (mean, std) of each image when no random crop would be lost by caching.
-    prompt_ids = {p: family.tokenize(tokenizers, p) for p in {it.prompt for it in instances + classes}}
+    all_prompts = {it.prompt for it in instances + classes} | ({""} if args.caption_dropout_rate else set())
+    prompt_ids = {p: family.tokenize(tokenizers, p) for p in all_prompts}
     embeddings = {}
     if not trained_text:
         with paddle.no_grad():
@@ -1825,7 +1834,7 @@ def train(args, mkl_code_path):
         if classes:  # class samples follow the instance samples in the same forward pass
             keyed += [(classes[batch_items[pos] % len(classes)], (epoch, batch_index * global_batch + pos, 1))
                       for pos in mine]
-        batch = dict(items=[], flips=[], pixels=[], geometry=[], eps=[], noise=[], times=[])
+        batch = dict(items=[], prompts=[], flips=[], pixels=[], geometry=[], eps=[], noise=[], times=[])
         for item, key in keyed:
             aug_key = [args.seed, AUGMENT_STREAM, *key]
             aug_rng = np.random.default_rng(aug_key)
@@ -1838,6 +1847,9 @@ def train(args, mkl_code_path):
                 batch["pixels"].append(pixels)
             eps, noise, t = draw_noise(args.seed, key, latent_shape, args.noise_offset,
                                        lambda rng: family.draw_time(rng, noise_scheduler))
+            dropped = args.caption_dropout_rate and \
+                np.random.default_rng([args.seed, CAPTION_STREAM, *key]).random() < args.caption_dropout_rate
+            batch["prompts"].append("" if dropped else item.prompt)
             for name, value in zip(("items", "flips", "geometry", "eps", "noise", "times"),
                                    (item, flip, item.geometry(box, flip), eps, noise, t)):
                 batch[name].append(value)
@@ -1855,7 +1867,7 @@ def train(args, mkl_code_path):
             mean, std = posterior.mean.astype("float32"), posterior.std.astype("float32")
         latents = families.vae_latents(mean + std * paddle.to_tensor(np.stack(batch["eps"])), vae.config)
         noise = paddle.to_tensor(np.stack(batch["noise"]))
-        prompts = [item.prompt for item in batch["items"]]
+        prompts = batch["prompts"]
         if trained_text:
             with autocast():
                 cond = family.encode(text_encoders, [prompt_ids[p] for p in prompts])

@@ -2,6 +2,7 @@
 prior preservation (the paper's PRES and DIV), with the judge of world/classifier.py.
 
     python bench/efficacy.py [--samples 16] [--out bench/out/efficacy] [--update_results]
+    python bench/efficacy.py --page_only   # rewrite EFFICACY.md from efficacy.json, measuring nothing
 
 1. The base model (models/drawn-world): SAMPLES samples of every "a photo of <object><scene>"
    prompt of the drawn world, judged: does the base draw what the words say?
@@ -176,10 +177,17 @@ def page(results):
         row(f'recontextualisation: "{BEACH}" judged the subject', BEACH, "subject"),
         row(f'recontextualisation: "{BEACH}" judged on the beach', BEACH, "beach"),
         row(f'recontextualisation: "{BEACH}" judged both', BEACH, "beach_and_subject"),
+        row(f'control: "{INSTANCE}" (no beach in the prompt) judged on the beach', INSTANCE, "beach"),
+        row(f'control: "{INSTANCE}" (no beach in the prompt) judged both', INSTANCE, "beach_and_subject"),
         row(f'PRES: "{CLASS}" judged the subject (lower is better)', CLASS, "subject"),
         row(f'PRES: "{CLASS}", feature similarity to the photos (lower is better)', CLASS, "similarity", f3),
         row(f'DIV: "{CLASS}", mean pixel distance between samples (higher is better)', CLASS, "diversity", f3),
         row(f'"{CLASS}" judged a toy', CLASS, "toy"),
+        row(f'"{CLASS}" judged in the room (where the base draws it)', CLASS, "plain"),
+        "",
+        "The control rows tell what the words \"on the beach\" add: a trained model whose samples the judge "
+        "finds on the beach as often without those words has not put the subject on the beach; its colours "
+        "have only drifted towards the beach's.",
         "",
         "Feature similarity is the mean cosine similarity of the judge's features of a sample and of a "
         "subject photo (the paper's DINO score, with the judge in DINO's place); pixel distance is the RMS "
@@ -223,7 +231,15 @@ def main():
     p.add_argument("--plot", default=None, help="where the diagnostics plot goes (default: OUT/efficacy.png)")
     p.add_argument("--update_results", action="store_true",
                    help="write EFFICACY.md, efficacy.json and both pictures into bench/ (a results commit)")
+    p.add_argument("--page_only", action="store_true",
+                   help="only rewrite bench/EFFICACY.md from bench/efficacy.json (after a change to the page)")
     args = p.parse_args()
+    if args.page_only:
+        with open(os.path.join(HERE, "efficacy.json")) as f:
+            results = json.load(f)
+        with open(os.path.join(HERE, "EFFICACY.md"), "w") as f:
+            f.write(page(results))
+        return
     results_dir = HERE if args.update_results else args.out
     from classifier import DEFAULT_DIR, Judge
 

@@ -389,8 +389,9 @@ def test_export_half_through_the_trainer_is_the_saved_pipeline_in_float16(tiny_m
 
 
 def test_each_class_sampler_draws_what_its_scheduler_draws(tiny_model, tmp_path):
-    """Class image i is the base pipeline's sample with the named scheduler and a generator seeded
-    seed + i; the four samplers draw four different images, so a sampler that is ignored shows."""
+    """Class image i is the base pipeline's sample with the named scheduler, --class_guidance_scale and a
+    generator seeded seed + i; the four samplers draw four different images, so a sampler that is ignored
+    shows, and so does an ignored guidance scale."""
     import paddle
     import ppdiffusers
     from ppdiffusers import StableDiffusionPipeline
@@ -417,6 +418,19 @@ def test_each_class_sampler_draws_what_its_scheduler_draws(tiny_model, tmp_path)
         assert np.abs(images[sampler] - np.asarray(want, dtype=int)).max() <= 2, sampler
     different = [(a, b) for a in images for b in images if a < b and np.abs(images[a] - images[b]).max() > 10]
     assert len(different) == 6, different
+    # --class_guidance_scale is the guidance the pipeline samples with (the default 7.5 above)
+    args = train_dreambooth.parse_args(train_args(
+        tiny_model, "x", tmp_path / "out", "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
+        "--class_data_dir", tmp_path / "guided", "--num_class_images", 1, "--class_inference_steps", 3,
+        "--class_sampler", "model", "--class_guidance_scale", 2.0))
+    train_dreambooth.generate_class_images(train_dreambooth.read_concepts(args)[0], args, 1, 0, FULL_PRECISION)
+    (name,) = os.listdir(tmp_path / "guided")
+    guided = np.asarray(Image.open(tmp_path / "guided" / name), dtype=int)
+    pipe.scheduler = own
+    want = pipe([CLASS_PROMPT], height=64, width=64, num_inference_steps=3, guidance_scale=2.0,
+                generator=[paddle.Generator().manual_seed(0)]).images[0]
+    assert np.abs(guided - np.asarray(want, dtype=int)).max() <= 2
+    assert np.abs(guided - images["model"]).max() > 10
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,15 +102,15 @@ def test_the_demo_teaches_the_subject(measured):
     assert trained["similarity"] > base["similarity"] + 0.03, (base["similarity"], trained["similarity"])
 
 
-def test_the_demo_draws_the_subject_on_the_beach_sometimes(measured):
-    """Recontextualisation works only partly at this scale: the subject photos are all in a room,
-    and the trained model draws either the subject or the beach more often than both. At least one
-    of the samples has the subject on the beach, and the beach has not vanished from the prompt."""
+def test_the_demo_draws_the_subject_for_the_beach_prompt_too(measured):
+    """The subject is learned as "sks toy", not as the whole instance prompt: a longer prompt with it
+    draws it too, where the base model never does. (Recontextualisation proper, the subject on the
+    beach because the prompt says so, does not work at this scale yet: bench/EFFICACY.md's control
+    rows show the trained model on the beach as often without those words, so no test claims it.)"""
     m, _, beach, _ = measured
     base, trained = m["base"][beach], m["trained"][beach]
     assert trained["subject"] >= 0.25, trained
-    assert trained["beach_and_subject"] >= 1 / SAMPLES, trained
-    assert base["beach_and_subject"] <= 1 / SAMPLES, base
+    assert base["subject"] <= 1 / SAMPLES, base
 
 
 def test_the_demo_keeps_the_class_varied_and_apart_from_the_subject(measured):

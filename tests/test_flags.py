@@ -124,11 +124,12 @@ def test_report_to_tensorboard_is_writer_type_tensorboard():
     assert outcome("--report_to", "tensorboard")[1] != "visualdl"
 
 
-OUT_OF_RANGE = [("--adam_beta1", 1.5), ("--adam_beta2", 1.0), ("--adam_epsilon", -1), ("--max_grad_norm", -1)]
+OUT_OF_RANGE = [("--adam_beta1", 1.5), ("--adam_beta2", 1.0), ("--adam_epsilon", -1), ("--max_grad_norm", -1),
+                ("--caption_dropout_rate", 1.0), ("--caption_dropout_rate", -0.1), ("--class_guidance_scale", -1)]
 
 
 @pytest.mark.parametrize("flag,value", OUT_OF_RANGE, ids=[f"{f}={v}" for f, v in OUT_OF_RANGE])
-def test_out_of_range_optimizer_values_are_refused_when_parsing(flag, value):
+def test_out_of_range_values_are_refused_when_parsing(flag, value):
     import train_dreambooth
 
     with pytest.raises(train_dreambooth.DreamBoothError, match=flag):

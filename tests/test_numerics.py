@@ -45,7 +45,15 @@ def test_min_snr_weights_split_with_the_prior_batch(prediction_type):
     assert float(loss) == pytest.approx(weighted[:2].mean() + 0.5 * weighted[2:].mean(), rel=1e-5)
 
 
-def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight):
+def caption_draw(kind):
+    """The uniform number that decides whether update 1's instance (kind 0) or class (kind 1) sample
+    loses its prompt to --caption_dropout_rate."""
+    import train_dreambooth as tdb
+
+    return np.random.default_rng([0, tdb.CAPTION_STREAM, 0, 0, kind]).random()
+
+
+def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, caption_dropout_rate=0.0):
     """Rebuild update 1's batch from the trainer's documented randomness (streams keyed by seed,
     epoch and sample) and recompute its loss with numpy and the base models."""
     import paddle
@@ -86,6 +94,8 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight):
             a, b = np.sqrt(alphas_cumprod[t]), np.sqrt(1 - alphas_cumprod[t])
             noisy = a * latent + b * noise
             target = a * noise - b * latent if scheduler.config.prediction_type == "v_prediction" else noise
+            if caption_draw(kind) < caption_dropout_rate:
+                prompt = ""
             ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length)["input_ids"]
             states = text_encoder(paddle.to_tensor([ids]))[0]
             pred = unet(paddle.to_tensor(noisy[None].astype(np.float32)), paddle.to_tensor([t]), states).sample
@@ -102,6 +112,23 @@ def test_logged_loss_of_first_update_matches_an_independent_computation(tiny_mod
                           "--prior_loss_weight", 0.7, "--max_train_steps", 1, "--center_crop"))
     logged = logged_scalars(out, "train/loss")[1]
     assert logged == pytest.approx(first_update_loss_by_hand(tiny_model, instance_dir, class_dir, 0.7), rel=1e-4)
+
+
+def test_caption_dropout_trains_the_dropped_sample_on_the_empty_prompt(tiny_model, instance_dir, tmp_path):
+    """A rate between the two samples' draws drops exactly one of them: the by-hand loss with its prompt
+    emptied matches, the loss with both prompts kept does not."""
+    class_dir = make_images(tmp_path / "class", n=3, size=(64, 64), seed=5)
+    draws = sorted(caption_draw(kind) for kind in (0, 1))
+    assert draws[1] - draws[0] > 0.1  # so that the rate below separates them
+    rate = (draws[0] + draws[1]) / 2
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--with_prior_preservation", "--class_prompt",
+                          CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", 3,
+                          "--max_train_steps", 1, "--center_crop", "--caption_dropout_rate", rate))
+    logged = logged_scalars(out, "train/loss")[1]
+    assert logged == pytest.approx(first_update_loss_by_hand(tiny_model, instance_dir, class_dir, 1.0, rate),
+                                   rel=1e-4)
+    assert logged != pytest.approx(first_update_loss_by_hand(tiny_model, instance_dir, class_dir, 1.0), rel=1e-3)
 
 
 def test_v_prediction_models_train_against_the_velocity(instance_dir, tmp_path):
