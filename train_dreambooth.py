@@ -2191,7 +2191,11 @@ def restore_training_state(folder, state, optimizer, lr_scheduler, scaler, model
 
     back = {v: k for k, v in structured_names(models).items()}
     with reading_checkpoint(folder, "optimizer.pdopt"):
-        optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))
+        # As numpy arrays, the moments wait in host memory until the first update creates each accumulator
+        # on the device and takes its value; as tensors they would be loaded onto the device now, beside
+        # the parts that are parked only later.
+        saved = paddle.load(os.path.join(folder, "optimizer.pdopt"), return_numpy=True)
+        optimizer.set_state_dict(rename_state(saved, back))
     with reading_checkpoint(folder, "training_state.json"):
         lr_scheduler.set_state_dict(state["lr_scheduler"])
         restore_scaler(scaler, state.get("grad_scaler"))

@@ -110,6 +110,26 @@ def test_checkpoint_rotation_and_resume_from_an_older_one(tiny_model, instance_d
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
 
 
+def test_a_resumed_optimizer_state_waits_in_host_memory(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """The saved AdamW moments reach the optimizer as numpy arrays (host memory), not as tensors that a
+    GPU run would hold on the device before its idle parts are parked; each accumulator takes its value
+    at the first update (the resume tests above check the values)."""
+    import paddle
+
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 1, "--save_steps", 1))
+    handed, real = [], paddle.optimizer.AdamW.set_state_dict
+
+    def recording(optimizer, state):
+        handed.extend(v for k, v in state.items() if k.endswith(("moment1_0", "moment2_0")))
+        return real(optimizer, state)
+
+    monkeypatch.setattr(paddle.optimizer.AdamW, "set_state_dict", recording)
+    run_train(*train_args(tiny_model, instance_dir, out, "--max_train_steps", 2, "--save_steps", 1,
+                          "--resume_from_checkpoint", "latest"))
+    assert handed and all(isinstance(v, np.ndarray) for v in handed), {type(v) for v in handed}
+
+
 def test_resume_refuses_a_changed_batch_size_and_a_missing_path(tiny_model, instance_dir, tmp_path):
     import train_dreambooth
 
