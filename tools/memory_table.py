@@ -93,6 +93,39 @@ def runs(model):
     return rows
 
 
+def family_of(model):
+    import families
+
+    family_class = getattr(families, MODELS[model]["family"])
+    return family_class.__new__(family_class)  # its methods used here read no model folder
+
+
+def counts(module, trained):
+    """(parameters, trained parameters) of a module; trained: whether any of it trains."""
+    from common import parameter_count
+
+    return (parameter_count(module.parameters()),
+            parameter_count(p for p in module.parameters() if not p.stop_gradient) if trained else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def denoiser_counts(model):
+    """({lora: counts(denoiser)} without and with the adapters of --use_lora, the denoiser's config), from one
+    denoiser under paddle.LazyGuard, counted before and after the adapters go in: building SD3's transformer
+    computes its whole position-embedding table, the slowest step of this tool."""
+    import paddle
+    import ppdiffusers
+    from paddlenlp.transformers.model_utils import no_init_weights
+
+    with paddle.LazyGuard(), no_init_weights():  # initialisers would write into the shapes
+        denoiser_class, denoiser_config = MODELS[model]["denoiser"]
+        denoiser = getattr(ppdiffusers, denoiser_class)(**denoiser_config)
+        found = {False: counts(denoiser, True)}
+        family_of(model).add_denoiser_lora(denoiser, LORA_RANK, LORA_RANK)
+        found[True] = counts(denoiser, True)
+    return found, dict(denoiser.config)
+
+
 @functools.lru_cache(maxsize=None)
 def build(model, lora, train_text_encoder, drop_t5):
     """The model's parts under paddle.LazyGuard, prepared for these flags as train_dreambooth.train
@@ -103,19 +136,15 @@ def build(model, lora, train_text_encoder, drop_t5):
     import ppdiffusers.transformers as transformers
     from paddlenlp.transformers.model_utils import no_init_weights
 
-    import families
     import memory_estimate
-    from common import parameter_count
     from train_dreambooth import add_text_encoder_lora
 
     spec = MODELS[model]
-    family_class = getattr(families, spec["family"])
-    family = family_class.__new__(family_class)  # its methods used here read no model folder
+    family = family_of(model)
     names = [n for n in spec["text_encoders"] if not (drop_t5 and n == "text_encoder_3")]
     trained_text = [n for n in family.trained_text_encoders if train_text_encoder and n in names]
+    denoiser, denoiser_config = denoiser_counts(model)
     with paddle.LazyGuard(), no_init_weights():  # initialisers would write into the shapes
-        denoiser_class, denoiser_config = spec["denoiser"]
-        denoiser = getattr(ppdiffusers, denoiser_class)(**denoiser_config)
         text_encoders = {}
         for name in names:
             cls, config = spec["text_encoders"][name]
@@ -127,25 +156,22 @@ def build(model, lora, train_text_encoder, drop_t5):
             for key, p in text_encoder.named_parameters():
                 p.stop_gradient = name not in trained_text or key.startswith(unreachable)
         if lora:
-            family.add_denoiser_lora(denoiser, LORA_RANK, LORA_RANK)
             for name in trained_text:
                 add_text_encoder_lora(text_encoders[name], LORA_RANK, LORA_RANK,
                                       skip=family.unreachable(name, text_encoders[name]))
 
-    def part(name, module, trained, cast, parked):
-        """cast(half): whether its frozen parameters are cast to half."""
-        count = parameter_count(module.parameters())
-        trained_count = parameter_count(p for p in module.parameters() if not p.stop_gradient) if trained else 0
-        return lambda half: memory_estimate.Part(name, count, trained_count, 2 if cast(half) else 4, parked)
+    def part(name, counted, cast, parked):
+        """counted: counts() of the part; cast(half): whether its frozen parameters are cast to half."""
+        return lambda half: memory_estimate.Part(name, *counted, 2 if cast(half) else 4, parked)
 
     # Trained parts stay fp32; frozen ones are cast to half under mixed precision (fp16 here), except a
     # VAE that overflows in fp16 (SDXL's). With cached latents (the default) the VAE, and the frozen
     # text encoders, whose outputs are cached, wait in host memory while training.
-    parts = [part("transformer" if model == "sd3" else "UNet", denoiser, True, lambda half: False, False)]
-    parts += [part(NAMES[name], m, name in trained_text, lambda half, t=name in trained_text: half and not t,
+    parts = [part("transformer" if model == "sd3" else "UNet", denoiser[lora], lambda half: False, False)]
+    parts += [part(NAMES[name], counts(m, name in trained_text), lambda half, t=name in trained_text: half and not t,
                    name not in trained_text) for name, m in text_encoders.items()]
-    parts.append(part("VAE", vae, False, lambda half: half and not family.vae_overflows_in_fp16, True))
-    return (lambda half: [p(half) for p in parts]), dict(denoiser.config)
+    parts.append(part("VAE", counts(vae, False), lambda half: half and not family.vae_overflows_in_fp16, True))
+    return (lambda half: [p(half) for p in parts]), denoiser_config
 
 
 @functools.lru_cache(maxsize=None)
