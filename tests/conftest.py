@@ -144,6 +144,25 @@ def run_cli(args, env=None, cwd=ROOT, timeout=600):
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# The 2-process SD run several tests share (two_process_run): what trains, and what it measures on the way.
+TWO_PROCESS_TRAINING = ["--max_train_steps", 2, *GRADIENT_LIKE]
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_model, instance_dir, tmp_path_factory):
+    """One run on 2 processes (paddle.distributed.launch, batch 1 each) with diagnostics after every update:
+    test_numerics compares its weights with one process, test_diagnostics its diagnostics rows (one launch
+    for both: its start-up is most of its time). Returns (output folder, the ranks' logs)."""
+    root = tmp_path_factory.mktemp("two_processes")
+    argv = train_args(tiny_model, instance_dir, root / "out", *TWO_PROCESS_TRAINING, "--class_prompt", CLASS_PROMPT,
+                      "--diagnostics_steps", 1)
+    result = run_cli([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                      str(root / "log"), "train_dreambooth.py", *argv])
+    logs = "".join(open(root / "log" / f).read() for f in sorted(os.listdir(root / "log")) if "workerlog" in f)
+    assert result.returncode == 0, logs[-3000:]
+    return root / "out", logs
+
+
 def load_weights(folder, component="unet"):
     """A component's weights as numpy arrays, read straight from the safetensors file."""
     from safetensors.numpy import load_file

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import CLASS_PROMPT, load_weights, logged_scalars, run_cli, run_train, train_args
+from conftest import CLASS_PROMPT, load_weights, logged_scalars, run_train, train_args
 
 
 def diagnostics_rows(output_dir):
@@ -73,15 +73,9 @@ def test_a_resumed_run_continues_the_diagnostics_of_its_start(tiny_model, instan
     assert diagnostics_rows(resumed) == rows
 
 
-def test_two_processes_rank_zero_measures_alone(tiny_model, instance_dir, tmp_path):
-    out = tmp_path / "two"
-    cmd = ["python", "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"),
-           "train_dreambooth.py", *train_args(tiny_model, instance_dir, out, "--class_prompt", CLASS_PROMPT,
-                                              "--diagnostics_steps", 1, "--max_train_steps", 2)]
-    result = run_cli(cmd)
-    logs = "".join(open(tmp_path / "log" / f).read() for f in os.listdir(tmp_path / "log") if "workerlog" in f)
-    assert result.returncode == 0, logs[-3000:]
+def test_two_processes_rank_zero_measures_alone(two_process_run):
+    """conftest.two_process_run: 2 updates on 2 processes, diagnostics after each, a class prompt."""
+    out, logs = two_process_run
     assert "Weights identical on all 2 ranks" in logs
     # one row per measurement: a second writer would have appended its own
     assert [int(r["step"]) for r in diagnostics_rows(out)] == [0, 1, 2]
-
