@@ -33,6 +33,8 @@ SUBSTITUTIONS = [  # (pattern, replacement); each must match at least once, so n
     (r"stabilityai/stable-diffusion-xl-base-1\.0", "{sdxl}"),
     (r"madebyollin/sdxl-vae-fp16-fix", "{sdxl}/vae"),  # a VAE folder, as the fixed VAE's id is
     (r"--height 1024 --width 1024", "--height 64 --width 64"),
+    # the pipelines' default 50 sampling steps: what the generated image shows is not checked here
+    (r"""(\(["']a photo of sks dog [^"']*["'])\)\.images""", r"\1, num_inference_steps=2).images"),
 ]
 
 
