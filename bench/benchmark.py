@@ -294,7 +294,7 @@ def main():
     p.add_argument("--family", choices=sorted(FAMILIES), default="sd",
                    help="sd: SD 1.x-shaped model and its variants; sdxl: a small SDXL, full fine-tune and --use_lora.")
     p.add_argument("--quick", action="store_true",
-                   help="Tiny model, 64x64, 3 updates, plain (SDXL: full and LoRA) + floor only.")
+                   help="Tiny model, 64x64, 3 updates, plain (SDXL: full and LoRA; or --variants) + floor only.")
     p.add_argument("--steps", type=int, default=30, help="Measured updates per variant (after --warmup).")
     p.add_argument("--warmup", type=int, default=3, help="Updates not measured.")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run.")
@@ -329,7 +329,8 @@ def main():
     known = family["variants"]
     if args.quick:
         args.steps, args.warmup = 2, 1
-        size, resolution, args.variants = family["quick"]
+        size, resolution, quick_variants = family["quick"]
+        args.variants = args.variants or quick_variants
     else:
         size, resolution = family["model"]
     variants = [v.strip() for v in (args.variants or ",".join(known)).split(",") if v.strip()]
