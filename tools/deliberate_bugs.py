@@ -94,11 +94,11 @@ BUGS = [
         [MULTI, "-k", "run_multi"]),
     # The optimizer's state carries the schedule's position too, so the bug drops it from both.
     Bug("lr_schedule_not_restored", "a resumed run restarts the lr schedule from update 0", T,
-        '        optimizer.set_state_dict(rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back))\n'
+        '        optimizer.set_state_dict(rename_state(saved, back))\n'
         '    with reading_checkpoint(folder, "training_state.json"):\n'
         '        lr_scheduler.set_state_dict(state["lr_scheduler"])\n',
-        '        saved = rename_state(paddle.load(os.path.join(folder, "optimizer.pdopt")), back)\n'
-        '        optimizer.set_state_dict({k: v for k, v in saved.items() if k != "LR_Scheduler"})\n'
+        '        optimizer.set_state_dict({k: v for k, v in rename_state(saved, back).items()\n'
+        '                                  if k != "LR_Scheduler"})\n'
         '    with reading_checkpoint(folder, "training_state.json"):\n',
         [BLIND, "-k", "cosine"]),
     Bug("noise_keyed_by_local_position", "per-sample noise keyed by the position in this rank's batch, "
