@@ -800,7 +800,10 @@ def load_sampling_pipeline(args, dtype):
                               f"({first_line(e)}); check --pretrained_model_name_or_path") from e
     if CLASS_SAMPLERS[args.class_sampler]:
         sampler = getattr(ppdiffusers, CLASS_SAMPLERS[args.class_sampler])
-        pipe.scheduler = sampler.from_config(pipe.scheduler.config)
+        # DDIM's default clips its estimate of the clean latents to [-1, 1], which suits pixel-space models
+        # only; a model's config written for another scheduler often does not say, so it must not decide.
+        unclipped = {} if "clip_sample" in pipe.scheduler.config else {"clip_sample": False}
+        pipe.scheduler = sampler.from_config(pipe.scheduler.config, **unclipped)
     pipe.set_progress_bar_config(disable=True)
     denoiser = getattr(pipe, family.denoiser_name)
     reuse_cross_attention_keys_values(denoiser)

@@ -389,8 +389,8 @@ def test_export_half_through_the_trainer_is_the_saved_pipeline_in_float16(tiny_m
 
 
 def test_each_class_sampler_draws_what_its_scheduler_draws(tiny_model, tmp_path):
-    """Class image i is the base pipeline's sample with the named scheduler, --class_guidance_scale and a
-    generator seeded seed + i; the four samplers draw four different images, so a sampler that is ignored
+    """Class image i is the base pipeline's sample with the named scheduler (DDIM without clipping, unless the
+    model's scheduler config asks for it), --class_guidance_scale and a generator seeded seed + i; the four samplers draw four different images, so a sampler that is ignored
     shows, and so does an ignored guidance scale."""
     import paddle
     import ppdiffusers
@@ -412,10 +412,16 @@ def test_each_class_sampler_draws_what_its_scheduler_draws(tiny_model, tmp_path)
         train_dreambooth.generate_class_images(train_dreambooth.read_concepts(args)[0], args, 1, 0, FULL_PRECISION)
         (name,) = os.listdir(folder)
         images[sampler] = np.asarray(Image.open(folder / name), dtype=int)
-        pipe.scheduler = getattr(ppdiffusers, scheduler).from_config(own.config)
+        assert "clip_sample" not in own.config  # so DDIM is told not to clip the latents
+        pipe.scheduler = getattr(ppdiffusers, scheduler).from_config(own.config, clip_sample=False)
         want = pipe([CLASS_PROMPT], height=64, width=64, num_inference_steps=3,
                     generator=[paddle.Generator().manual_seed(0)]).images[0]
         assert np.abs(images[sampler] - np.asarray(want, dtype=int)).max() <= 2, sampler
+    # DDIM's own default would clip the latents to [-1, 1] and draw another image
+    pipe.scheduler = ppdiffusers.DDIMScheduler.from_config(own.config)
+    clipped = pipe([CLASS_PROMPT], height=64, width=64, num_inference_steps=3,
+                   generator=[paddle.Generator().manual_seed(0)]).images[0]
+    assert np.abs(images["ddim"] - np.asarray(clipped, dtype=int)).max() > 10
     different = [(a, b) for a in images for b in images if a < b and np.abs(images[a] - images[b]).max() > 10]
     assert len(different) == 6, different
     # --class_guidance_scale is the guidance the pipeline samples with (the default 7.5 above)

@@ -171,7 +171,10 @@ BUGS = [
         "        found = list_checkpoints(args.output_dir)[-1]\n",
         [BLIND, "-k", "older_checkpoint"]),
     Bug("class_sampler_ignored", "--class_sampler has no effect: class images use the model's own scheduler", T,
-        "pipe.scheduler = sampler.from_config(pipe.scheduler.config)", "pass",
+        "pipe.scheduler = sampler.from_config(pipe.scheduler.config, **unclipped)", "pass",
+        [BLIND, "-k", "class_sampler"]),
+    Bug("ddim_class_sampler_clips_latents", "--class_sampler ddim clips the latents to [-1, 1] (DDIM's default)", T,
+        'unclipped = {} if "clip_sample" in pipe.scheduler.config else {"clip_sample": False}', "unclipped = {}",
         [BLIND, "-k", "class_sampler"]),
     Bug("class_guidance_ignored", "--class_guidance_scale has no effect: class images use the pipeline's 7.5", T,
         "num_inference_steps=args.class_inference_steps,\n                              "
