@@ -124,6 +124,19 @@ def test_no_figure_in_the_readme_is_typed_by_hand(readme):
     assert not typed, f"{readme} states {sorted(typed)}, which no generated or tested file holds"
 
 
+def test_the_efficacy_page_is_rendered_from_its_measurements():
+    """bench/EFFICACY.md (whose figures the README quotes) is what bench/efficacy.py renders from
+    bench/efficacy.json: a page edited by hand, or a page changed without re-rendering, fails here
+    (python bench/efficacy.py --page_only re-renders it)."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import efficacy
+
+    assert read("bench/EFFICACY.md") == efficacy.page(json.loads(read("bench/efficacy.json"))), \
+        "bench/EFFICACY.md is stale: run python bench/efficacy.py --page_only"
+
+
 def test_the_memory_tables_are_generated_from_the_estimator(tmp_path):
     """docs/memory.md and docs/memory_zh.md hold what tools/memory_table.py computes from memory_estimate
     now: a changed estimator with documents not regenerated fails here; --check says so and exits 1
