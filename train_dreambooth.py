@@ -128,6 +128,9 @@ def build_parser():
                         "several subjects at once (replaces the four flags).")
     g.add_argument("--use_image_captions", action="store_true",
                    help="An image's caption file (photo.txt beside photo.png) replaces its instance prompt.")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="Train the subject photos only where they are opaque: an instance image's alpha channel "
+                        "(a PNG with transparency) weights its loss; images without one count everywhere.")
     g.add_argument("--caption_dropout_rate", type=float, default=0.0,
                    help="Share of training samples (instance and class) whose prompt is replaced by the empty "
                         "prompt, so the unconditional prediction that classifier-free guidance subtracts keeps "
@@ -321,8 +324,9 @@ def list_images(folder, flag, must_exist=True):
     return [os.path.join(folder, n) for n in images]
 
 
-def open_rgb(path):
-    """Decode any image mode to 8-bit RGB, upright as the camera meant (EXIF orientation)."""
+def open_rgb(path, with_alpha=False):
+    """Decode any image mode to 8-bit RGB, upright as the camera meant (EXIF orientation); with_alpha:
+    (image, its alpha channel as an "L" image or None when it has none)."""
     with warnings.catch_warnings():  # PIL warns above half its limit; said in words below instead
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(path)
@@ -338,19 +342,21 @@ def open_rgb(path):
     elif image.mode == "F":  # float grey has no fixed white: scale its own range
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((values * (255.0 / (values.max() or 1.0))).clip(0, 255).astype(np.uint8), "L")
+    alpha = None
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")  # transparent parts become white, not black
+        alpha = rgba.getchannel("A")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return (image.convert("RGB"), alpha) if with_alpha else image.convert("RGB")
 
 
-def load_images(paths, flag):
-    """Decode every file; all unreadable files are named in one error."""
+def load_images(paths, flag, with_alpha=False):
+    """Decode every file; all unreadable files are named in one error. with_alpha: (image, alpha) pairs."""
     images, bad, huge = [], [], []
     for path in paths:
         try:
-            images.append(open_rgb(path))
+            images.append(open_rgb(path, with_alpha))
         except Image.DecompressionBombError:
             width, height = image_size(path)
             huge.append(f"{path} has {width}x{height} = {width * height:,} pixels")
@@ -402,9 +408,10 @@ def to_pixels(image, flip):
 class TrainImage:
     """One training image, decoded and resized once; crops and flips are drawn per step."""
 
-    def __init__(self, image, prompt, args):
+    def __init__(self, image, prompt, args, mask=None):
         self.original_size = (image.height, image.width)
         self.image = resize_to_cover(image, args.height, args.width)
+        self.mask = mask if mask is None else mask.resize(self.image.size, Image.BICUBIC)
         self.prompt = prompt
         self.random_crop = not args.center_crop and self.image.size != (args.width, args.height)
 
@@ -416,6 +423,16 @@ class TrainImage:
     def pixels(self, rng, args):
         box, flip = self.augmentation(rng, args)
         return to_pixels(self.image.crop(box), flip), flip
+
+    def loss_mask(self, box, flip, latent_hw):
+        """The crop's loss weight per latent pixel (the mean opacity of the pixels it covers), or None."""
+        if self.mask is None:
+            return None
+        mask = self.mask.crop(box)
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if flip else mask
+        opacity = np.asarray(mask, dtype=np.float32) / 255.0
+        (h, w), (fh, fw) = latent_hw, (mask.height // latent_hw[0], mask.width // latent_hw[1])
+        return opacity[:h * fh, :w * fw].reshape(h, fh, w, fw).mean(axis=(1, 3))
 
     def geometry(self, box, flip):
         """The sample's families.Geometry. A flipped crop is the crop of the mirrored image at the
@@ -910,14 +927,29 @@ def load_instances(concepts, args):
         if not paths:
             raise DreamBoothError(f"--instance_data_dir {concept['instance_data_dir']} holds no images "
                                   f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
-        images = load_images(paths, "--instance_data_dir")
+        images, alphas = zip(*load_images(paths, "--instance_data_dir", with_alpha=True))
         small = [os.path.basename(p) for p, im in zip(paths, images) if im.width < args.width or im.height < args.height]
         if small:  # upscaling blurs: worth knowing, not worth refusing
             logger.warning("%d image(s) smaller than %dx%d are upscaled (blurrier training data): %s", len(small),
                            args.width, args.height, ", ".join(small))
-        instances += [TrainImage(im, caption_of(path, concept["instance_prompt"], args), args)
-                      for path, im in zip(paths, images)]
+        if args.masked_loss:
+            check_loss_masks(paths, alphas, concept["instance_data_dir"])
+        instances += [TrainImage(im, caption_of(path, concept["instance_prompt"], args), args,
+                                 alpha if args.masked_loss else None)
+                      for path, im, alpha in zip(paths, images, alphas)]
     return instances
+
+
+def check_loss_masks(paths, alphas, folder):
+    """--masked_loss needs transparency to read: a folder without any, or a photo with nothing
+    opaque (it would train on nothing), is a mistake worth stopping for."""
+    if all(alpha is None for alpha in alphas):
+        raise DreamBoothError(f"--masked_loss: no image in --instance_data_dir {folder} has an alpha channel; save "
+                              "the photos as PNG with the background transparent, or drop --masked_loss")
+    empty = [os.path.basename(p) for p, alpha in zip(paths, alphas) if alpha is not None and not alpha.getbbox()]
+    if empty:
+        raise DreamBoothError(f"--masked_loss: {', '.join(empty)} in {folder} is fully transparent, so it would "
+                              "train on nothing; make the subject opaque or remove the file")
 
 
 def load_classes(concepts, args, world_size, rank, precision):
@@ -971,13 +1003,20 @@ def draw_noise(seed, key, latent_shape, noise_offset, draw_time):
 # The loss
 
 
-def compute_loss(model_pred, target, num_instance, args, snr=None, weight=None):
+def compute_loss(model_pred, target, num_instance, args, snr=None, weight=None, mask=None):
     """Per-sample MSE, optionally weighted (Min-SNR from `snr`, or the family's per-sample `weight`);
     instance mean + prior_loss_weight x class mean.
 
     The first num_instance samples of the batch are instance images, the rest class images.
     """
-    per_sample = ((model_pred.astype("float32") - target.astype("float32")) ** 2).mean(axis=[1, 2, 3])
+    squared = (model_pred.astype("float32") - target.astype("float32")) ** 2
+    if mask is None:
+        per_sample = squared.mean(axis=[1, 2, 3])
+    else:  # the mean over the weighted pixels: a small subject trains as strongly as one filling the picture
+        import paddle
+
+        mask = paddle.to_tensor(mask)[:, None]
+        per_sample = (squared * mask).mean(axis=[1, 2, 3]) / mask.mean(axis=[1, 2, 3]).clip(min=1e-6)
     if snr is not None:
         weight = families.min_snr_weight(snr, args.snr_gamma, args.prediction_type)
     if weight is not None:
@@ -1837,7 +1876,7 @@ def train(args, mkl_code_path):
         if classes:  # class samples follow the instance samples in the same forward pass
             keyed += [(classes[batch_items[pos] % len(classes)], (epoch, batch_index * global_batch + pos, 1))
                       for pos in mine]
-        batch = dict(items=[], prompts=[], flips=[], pixels=[], geometry=[], eps=[], noise=[], times=[])
+        batch = dict(items=[], prompts=[], flips=[], pixels=[], geometry=[], eps=[], noise=[], times=[], masks=[])
         for item, key in keyed:
             aug_key = [args.seed, AUGMENT_STREAM, *key]
             aug_rng = np.random.default_rng(aug_key)
@@ -1853,6 +1892,8 @@ def train(args, mkl_code_path):
             dropped = args.caption_dropout_rate and \
                 np.random.default_rng([args.seed, CAPTION_STREAM, *key]).random() < args.caption_dropout_rate
             batch["prompts"].append("" if dropped else item.prompt)
+            mask = item.loss_mask(box, flip, latent_shape[1:]) if args.masked_loss else None
+            batch["masks"].append(np.ones(latent_shape[1:], np.float32) if mask is None else mask)
             for name, value in zip(("items", "flips", "geometry", "eps", "noise", "times"),
                                    (item, flip, item.geometry(box, flip), eps, noise, t)):
                 batch[name].append(value)
@@ -1917,7 +1958,8 @@ def train(args, mkl_code_path):
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
                         with autocast():
                             pred = family.denoise(denoiser, noisy, timesteps, cond, batch["geometry"])
-                        loss = compute_loss(pred, target, args.train_batch_size, args, weight=weight) / len(group)
+                        loss = compute_loss(pred, target, args.train_batch_size, args, weight=weight,
+                                            mask=np.stack(batch["masks"]) if args.masked_loss else None) / len(group)
                         scaler.scale(loss).backward() if scaler else loss.backward()
                     group_loss += loss.detach()
                 # One small all-reduce per update: every rank logs the global mean loss and takes the

@@ -146,6 +146,18 @@ def _case_output_dir_not_writable(tmp, model, inst):
     return ["--output_dir", os.path.join(blocker, "out")], ["--output_dir", "not writable"]
 
 
+def _case_masked_loss_without_alpha(tmp, model, inst):
+    return ["--masked_loss"], ["--masked_loss", "alpha channel", "transparent", "drop --masked_loss"]
+
+
+def _case_masked_loss_fully_transparent(tmp, model, inst):
+    folder = os.path.join(tmp, "cut_out")
+    os.makedirs(folder)
+    Image.new("RGBA", (64, 64), (200, 30, 30, 255)).save(os.path.join(folder, "subject.png"))
+    Image.new("RGBA", (64, 64), (200, 30, 30, 0)).save(os.path.join(folder, "clear.png"))
+    return ["--instance_data_dir", folder, "--masked_loss"], ["--masked_loss", "clear.png", "fully transparent"]
+
+
 CASES = {name[len("_case_"):]: fn for name, fn in list(globals().items()) if name.startswith("_case_")}
 
 

@@ -53,9 +53,11 @@ def caption_draw(kind):
     return np.random.default_rng([0, tdb.CAPTION_STREAM, 0, 0, kind]).random()
 
 
-def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, caption_dropout_rate=0.0):
+def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, caption_dropout_rate=0.0, masked=False):
     """Rebuild update 1's batch from the trainer's documented randomness (streams keyed by seed,
-    epoch and sample) and recompute its loss with numpy and the base models."""
+    epoch and sample) and recompute its loss with numpy and the base models. masked: the instance
+    images' alpha (0 or 255 here) weights their squared error, averaged over each 8x8 pixel block of a
+    latent pixel, and the images are seen over white."""
     import paddle
     from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
@@ -69,12 +71,19 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, capt
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     alphas_cumprod = scheduler.alphas_cumprod.numpy().astype(np.float64)
 
-    def image_array(path):  # resize to cover 64x64, center crop, scale to [-1, 1]
-        im = Image.open(path).convert("RGB")
+    def image_array(path):  # resize to cover 64x64, center crop, scale to [-1, 1]; and the crop's alpha
+        im = Image.open(path)
+        alpha = np.asarray(im.getchannel("A"), np.float32) / 255 if im.mode == "RGBA" else None
+        im = im.convert("RGB")
         scale = max(64 / im.height, 64 / im.width)
+        assert scale == 1 or alpha is None, "the masked case is checked on images that need no resize"
         im = im.resize((max(64, round(im.width * scale)), max(64, round(im.height * scale))), Image.BICUBIC)
         left, top = (im.width - 64) // 2, (im.height - 64) // 2
-        return np.asarray(im.crop((left, top, left + 64, top + 64)), np.float32).transpose(2, 0, 1) / 127.5 - 1
+        rgb = np.asarray(im.crop((left, top, left + 64, top + 64)), np.float32)
+        if alpha is not None:
+            alpha = alpha[top:top + 64, left:left + 64]
+            rgb = rgb * alpha[..., None] + 255 * (1 - alpha[..., None])
+        return rgb.transpose(2, 0, 1) / 127.5 - 1, alpha
 
     inst = sorted(os.listdir(instance_dir))
     cls = sorted(os.listdir(class_dir)) if class_dir else []
@@ -89,7 +98,8 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, capt
             eps = rng.standard_normal((4, 8, 8), dtype=np.float32)
             noise = rng.standard_normal((4, 8, 8), dtype=np.float32)
             t = int(rng.integers(0, 1000))
-            posterior = vae.encode(paddle.to_tensor(image_array(path)[None])).latent_dist
+            pixels, alpha = image_array(path)
+            posterior = vae.encode(paddle.to_tensor(pixels[None])).latent_dist
             latent = (posterior.mean.numpy()[0] + posterior.std.numpy()[0] * eps) * vae.config.scaling_factor
             a, b = np.sqrt(alphas_cumprod[t]), np.sqrt(1 - alphas_cumprod[t])
             noisy = a * latent + b * noise
@@ -99,7 +109,12 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, capt
             ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length)["input_ids"]
             states = text_encoder(paddle.to_tensor([ids]))[0]
             pred = unet(paddle.to_tensor(noisy[None].astype(np.float32)), paddle.to_tensor([t]), states).sample
-            errors.append(float(((pred.numpy()[0].astype(np.float64) - target) ** 2).mean()))
+            squared = (pred.numpy()[0].astype(np.float64) - target) ** 2
+            if masked and kind == 0:
+                weight = alpha.reshape(8, 8, 8, 8).mean(axis=(1, 3))  # one weight per latent pixel
+                errors.append(float((squared * weight).sum() / (squared.shape[0] * weight.sum())))
+            else:
+                errors.append(float(squared.mean()))
     return errors[0] + prior_weight * sum(errors[1:])
 
 
@@ -129,6 +144,55 @@ def test_caption_dropout_trains_the_dropped_sample_on_the_empty_prompt(tiny_mode
     assert logged == pytest.approx(first_update_loss_by_hand(tiny_model, instance_dir, class_dir, 1.0, rate),
                                    rel=1e-4)
     assert logged != pytest.approx(first_update_loss_by_hand(tiny_model, instance_dir, class_dir, 1.0), rel=1e-3)
+
+
+def test_masked_loss_weights_each_latent_pixel_by_the_opacity_it_covers(tiny_model, tmp_path):
+    """--masked_loss: a subject photo's alpha channel, averaged over each latent pixel's 8x8 pixels,
+    weights its squared error, normalised by the weights' sum; class images count everywhere."""
+    rng = np.random.default_rng(3)
+    instance = tmp_path / "cut_out"
+    instance.mkdir()
+    for i in range(4):  # 72x64: the center crop drops 4 columns a side; opaque boxes off the 8-pixel grid
+        rgba = (rng.random((64, 72, 4)) * 255).astype(np.uint8)
+        x0, y0 = 9 + 3 * i, 11 + 2 * i
+        rgba[..., 3] = 0
+        rgba[y0:y0 + 30, x0:x0 + 37, 3] = 255
+        Image.fromarray(rgba, "RGBA").save(instance / f"img{i}.png")
+    class_dir = make_images(tmp_path / "class", n=3, size=(64, 64), seed=5)
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, instance, out, "--with_prior_preservation", "--class_prompt",
+                          CLASS_PROMPT, "--class_data_dir", class_dir, "--num_class_images", 3,
+                          "--max_train_steps", 1, "--center_crop", "--masked_loss"))
+    logged = logged_scalars(out, "train/loss")[1]
+    assert logged == pytest.approx(first_update_loss_by_hand(tiny_model, instance, class_dir, 1.0, masked=True),
+                                   rel=1e-4)
+    assert logged != pytest.approx(first_update_loss_by_hand(tiny_model, instance, class_dir, 1.0), rel=1e-3)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_loss_mask_follows_the_crop_and_flip_of_the_pixels(flip):
+    """Where the picture is red (the opaque part) the latent mask is 1, elsewhere 0, partly red blocks in
+    between: on a crop of a wider photo, mirrored or not."""
+    from train_dreambooth import TrainImage, parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x", "--instance_prompt", "x",
+                       "--resolution", "64", "--random_flip"])
+    rgb = np.zeros((64, 80, 3), np.uint8)
+    alpha = np.zeros((64, 80), np.uint8)
+    rgb[13:45, 11:35, 0] = alpha[13:45, 11:35] = 255  # off-centre: a mirror image puts it elsewhere
+    item = TrainImage(Image.fromarray(rgb), "x", args, Image.fromarray(alpha))
+    box = (5, 0, 69, 64)
+    red = to_pixels_block_mean(item.image.crop(box), flip)
+    assert red.max() == 1.0 and red.min() == 0.0
+    np.testing.assert_allclose(item.loss_mask(box, flip, (8, 8)), red, atol=1e-6)
+
+
+def to_pixels_block_mean(image, flip):
+    """The red channel of the trainer's pixels, 0..1, averaged over each latent pixel's 8x8 block."""
+    from train_dreambooth import to_pixels
+
+    red = (to_pixels(image, flip)[0] + 1) / 2
+    return red.reshape(8, 8, 8, 8).mean(axis=(1, 3))
 
 
 def test_v_prediction_models_train_against_the_velocity(instance_dir, tmp_path):
