@@ -325,8 +325,9 @@ def list_images(folder, flag, must_exist=True):
 
 
 def open_rgb(path, with_alpha=False):
-    """Decode any image mode to 8-bit RGB, upright as the camera meant (EXIF orientation); with_alpha:
-    (image, its alpha channel as an "L" image or None when it has none)."""
+    """Decode any image mode to 8-bit RGB, upright as the camera meant (EXIF orientation). Transparent
+    parts are seen over white, unless with_alpha: then (the colours as stored, the alpha channel as an
+    "L" image or None when there is none), for --masked_loss, to which alpha is a weight."""
     with warnings.catch_warnings():  # PIL warns above half its limit; said in words below instead
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(path)
@@ -342,13 +343,14 @@ def open_rgb(path, with_alpha=False):
     elif image.mode == "F":  # float grey has no fixed white: scale its own range
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((values * (255.0 / (values.max() or 1.0))).clip(0, 255).astype(np.uint8), "L")
-    alpha = None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if with_alpha:
+        return image.convert("RGB"), image.convert("RGBA").getchannel("A") if has_alpha else None
+    if has_alpha:
         rgba = image.convert("RGBA")  # transparent parts become white, not black
-        alpha = rgba.getchannel("A")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return (image.convert("RGB"), alpha) if with_alpha else image.convert("RGB")
+    return image.convert("RGB")
 
 
 def load_images(paths, flag, with_alpha=False):
@@ -927,15 +929,15 @@ def load_instances(concepts, args):
         if not paths:
             raise DreamBoothError(f"--instance_data_dir {concept['instance_data_dir']} holds no images "
                                   f"({', '.join(sorted(IMAGE_EXTENSIONS))}); put 3-5 photos of your subject there")
-        images, alphas = zip(*load_images(paths, "--instance_data_dir", with_alpha=True))
+        loaded = load_images(paths, "--instance_data_dir", with_alpha=args.masked_loss)
+        images, alphas = zip(*loaded) if args.masked_loss else (loaded, [None] * len(loaded))
         small = [os.path.basename(p) for p, im in zip(paths, images) if im.width < args.width or im.height < args.height]
         if small:  # upscaling blurs: worth knowing, not worth refusing
             logger.warning("%d image(s) smaller than %dx%d are upscaled (blurrier training data): %s", len(small),
                            args.width, args.height, ", ".join(small))
         if args.masked_loss:
             check_loss_masks(paths, alphas, concept["instance_data_dir"])
-        instances += [TrainImage(im, caption_of(path, concept["instance_prompt"], args), args,
-                                 alpha if args.masked_loss else None)
+        instances += [TrainImage(im, caption_of(path, concept["instance_prompt"], args), args, alpha)
                       for path, im, alpha in zip(paths, images, alphas)]
     return instances
 

@@ -56,8 +56,8 @@ def caption_draw(kind):
 def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, caption_dropout_rate=0.0, masked=False):
     """Rebuild update 1's batch from the trainer's documented randomness (streams keyed by seed,
     epoch and sample) and recompute its loss with numpy and the base models. masked: the instance
-    images' alpha (0 or 255 here) weights their squared error, averaged over each 8x8 pixel block of a
-    latent pixel, and the images are seen over white."""
+    images' alpha weights their squared error, averaged over each 8x8 pixel block of a latent pixel, and
+    their colours are used as stored (a transparent part is not whitened)."""
     import paddle
     from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
@@ -82,7 +82,6 @@ def first_update_loss_by_hand(model, instance_dir, class_dir, prior_weight, capt
         rgb = np.asarray(im.crop((left, top, left + 64, top + 64)), np.float32)
         if alpha is not None:
             alpha = alpha[top:top + 64, left:left + 64]
-            rgb = rgb * alpha[..., None] + 255 * (1 - alpha[..., None])
         return rgb.transpose(2, 0, 1) / 127.5 - 1, alpha
 
     inst = sorted(os.listdir(instance_dir))
@@ -157,6 +156,7 @@ def test_masked_loss_weights_each_latent_pixel_by_the_opacity_it_covers(tiny_mod
         x0, y0 = 9 + 3 * i, 11 + 2 * i
         rgba[..., 3] = 0
         rgba[y0:y0 + 30, x0:x0 + 37, 3] = 255
+        rgba[y0 + 30:y0 + 35, x0:x0 + 37, 3] = 64  # a soft edge
         Image.fromarray(rgba, "RGBA").save(instance / f"img{i}.png")
     class_dir = make_images(tmp_path / "class", n=3, size=(64, 64), seed=5)
     out = tmp_path / "out"
