@@ -65,6 +65,29 @@ def test_the_object_masks_belong_to_the_pictures_the_base_is_trained_on():
     assert np.array_equal((np.asarray(image) != np.asarray(background)).any(axis=2), mask)
 
 
+@pytest.mark.parametrize("factor", [8, 4])
+def test_the_base_builder_makes_latents_and_object_weights_of_its_latent_factor(factor):
+    """world/build_base.py --latent_factor: the VAE turns a 64x64 picture into a (64/factor)^2 latent the UNet
+    denoises, and the object weights have that shape, heavier exactly where a latent pixel sees the object."""
+    import paddle
+
+    import drawn_world
+    from build_base import Settings, build_models, object_weights
+
+    _, _, vae, unet = build_models(0, factor)
+    side = 64 // factor
+    with paddle.no_grad():
+        latent = vae.encode(paddle.zeros([1, 3, 64, 64])).latent_dist.mean
+        out = unet(latent, paddle.to_tensor([10]), paddle.zeros([1, 4, 64])).sample
+    assert latent.shape == out.shape == [1, 4, side, side]
+    settings = Settings(images_per_pair=1, latent_factor=factor)
+    weights = object_weights(settings, 20)
+    assert weights.shape == (40, side, side)
+    (_, mask), _, _ = drawn_world.samples(1, seed=settings.seed + 100, with_mask=True)[0]
+    seen = mask.reshape(side, factor, side, factor).any(axis=(1, 3))
+    assert weights[0][seen].min() > weights[0][~seen].max()
+
+
 @pytest.mark.parametrize("obj,scene", [("bucket", "beach"), ("dog", "snow"), ("ball", "grass")])
 def test_the_base_model_draws_the_prompted_scene(judge, obj, scene):
     """Scenes only: the base's objects are blurred blobs the judge tells apart less reliably
