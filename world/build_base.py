@@ -13,7 +13,7 @@ From random weights and a fixed seed, on the CPU:
    third cycle (--objects_steps) weighs the latent pixels of the object more (a mask from the
    drawer), so the object words are learnt and not only the scene words;
    --latent_factor 4 builds a three-block VAE (16x16 latents for 64x64 pictures, sharper decodes) and
-   a UNet for them, at about four times the CPU time per UNet update;
+   a UNet for them, at a higher CPU cost per UNet update (BUILD.md records each stage's time);
 3. the pipeline is saved with a DPM-Solver++ scheduler (good samples in 10 steps) and BUILD.md,
    which records the command, the seed, the settings and the time each stage took.
 
