@@ -43,6 +43,24 @@ def test_the_judge_knows_fresh_drawn_pictures(judge):
     assert np.mean((answer["subject"] > 0.5) == np.array([d[3] > 0.5 for d in data])) >= 0.9
 
 
+def test_the_judge_can_learn_from_blurred_copies_too():
+    """world/classifier.py --max_blur: each training picture also comes blurred, with its own labels, the
+    blurred copy smoother than the picture (a small base's samples are blurrier than its VAE's decodes)."""
+    from classifier import drawn_set, labelled
+
+    data = drawn_set(1, seed=5)
+    images, labels = labelled(data, None)
+    blurred, blurred_labels = labelled(data, None, max_blur=3.0)
+    assert len(blurred) == 2 * len(images) and np.array_equal(blurred_labels, np.concatenate([labels, labels]))
+    assert all(a is b for a, b in zip(images, blurred))
+
+    def roughness(im):  # mean absolute difference of neighbouring pixels
+        return np.abs(np.diff(np.asarray(im, np.float32), axis=1)).mean()
+
+    smoother = [roughness(copy) < roughness(im) for im, copy in zip(images, blurred[len(images):])]
+    assert np.mean(smoother) >= 0.9, smoother
+
+
 def test_the_object_masks_belong_to_the_pictures_the_base_is_trained_on():
     """world/build_base.py --objects_steps weighs the object's latent pixels by these masks: drawing with a
     mask must give the very pictures (and random draws) of world/drawn_world.samples, and each mask must
