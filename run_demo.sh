@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One-command demo for a fresh clone, no GPU and no model hub needed: bash run_demo.sh [extra trainer args]
 # DEMO_DIR (output root), DEMO_STEPS and DEMO_CLASS_IMAGES (so a test can run a shorter demo) are optional;
-# DEMO_PRIOR=0 trains without prior preservation, DEMO_MASKED=0 without --masked_loss (bench/efficacy.py
-# compares them).
+# DEMO_PRIOR=0 trains without prior preservation (bench/efficacy.py compares the two).
 set -euo pipefail
 
 cat <<'EOF_INTRO'
@@ -32,14 +31,12 @@ ln -sfn "$here/models/drawn-world" "$DEMO_DIR/base-model"
 prior=(--with_prior_preservation --prior_loss_weight=1.0 --class_data_dir="$DEMO_DIR/class_images"
        --num_class_images="${DEMO_CLASS_IMAGES:-20}" --sample_batch_size=10 --class_inference_steps=10)
 [ "${DEMO_PRIOR:-1}" = 0 ] && prior=()
-masked=(--masked_loss)
-[ "${DEMO_MASKED:-1}" = 0 ] && masked=()
 
 python -u train_dreambooth.py \
   --pretrained_model_name_or_path="$DEMO_DIR/base-model" \
   --instance_data_dir=examples/sks_toy \
   --output_dir="$DEMO_DIR/dreambooth-model" \
-  "${prior[@]}" "${masked[@]}" \
+  "${prior[@]}" \
   --instance_prompt="a photo of sks toy" \
   --class_prompt="a photo of toy" \
   --resolution=64 --center_crop \

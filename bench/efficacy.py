@@ -6,11 +6,10 @@ prior preservation (the paper's PRES and DIV), with the judge of world/classifie
 
 1. The base model (models/drawn-world): SAMPLES samples of every "a photo of <object><scene>"
    prompt of the drawn world, judged: does the base draw what the words say?
-2. The demo (bash run_demo.sh) three times from that base: as shipped (prior preservation and
-   --masked_loss), with DEMO_PRIOR=0 (no prior preservation) and with DEMO_MASKED=0 (no masked
-   loss); the grid of the first is kept as demo_grid.png.
-3. SAMPLES samples of each demo prompt from the base and the three trained models, the same seeds
-   for all, judged and compared with the subject photos.
+2. The demo (bash run_demo.sh) twice from that base: as shipped (prior preservation) and with
+   DEMO_PRIOR=0 (none); the grid of the first is kept as demo_grid.png.
+3. SAMPLES samples of each demo prompt from the base and both trained models, the same seeds for
+   all three, judged and compared with the subject photos.
 4. Writes EFFICACY.md and efficacy.json (every number of the page, for the README), the demo's grid
    demo_grid.png and both runs' --diagnostics_steps curves efficacy.png into OUT; with
    --update_results into bench/, over the committed ones.
@@ -37,10 +36,7 @@ import drawn_world  # noqa: E402
 SUBJECT_DIR = os.path.join(ROOT, "examples", "sks_toy")
 BASE = os.path.join(ROOT, "models", "drawn-world")
 INSTANCE, BEACH, CLASS = "a photo of sks toy", "a photo of sks toy on the beach", "a photo of toy"
-# The demo as shipped, and two ablations: the environment run_demo.sh reads.
-RUNS = {"with prior preservation": dict(DEMO_PRIOR="1", DEMO_MASKED="1"),
-        "without prior preservation": dict(DEMO_PRIOR="0", DEMO_MASKED="1"),
-        "without --masked_loss": dict(DEMO_PRIOR="1", DEMO_MASKED="0")}
+RUNS = {"with prior preservation": "1", "without prior preservation": "0"}
 SAMPLING = dict(steps=10, guidance_scale=7.5, height=64, width=64)  # as the demo's grid
 
 
@@ -109,8 +105,8 @@ def base_knows_the_world(judge, n):
     return rows, samples
 
 
-def run_demo(out, settings):
-    env = dict(os.environ, DEMO_DIR=out, **settings)
+def run_demo(out, prior):
+    env = dict(os.environ, DEMO_DIR=out, DEMO_PRIOR=prior)
     started = time.time()
     subprocess.run(["bash", os.path.join(ROOT, "run_demo.sh")], env=env, check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
@@ -130,6 +126,7 @@ def pct(x):
 def page(results):
     """bench/EFFICACY.md, every figure from results (also saved as efficacy.json)."""
     r, base = results["demo"], results["demo"]["base model"]
+    with_pp, without = r["with prior preservation"], r["without prior preservation"]
     n, world = results["samples"], results["world"]
     obj_acc = np.mean([v["object"] for v in world.values()])
     scene_acc = np.mean([v["scene"] for v in world.values()])
@@ -166,12 +163,12 @@ def page(results):
         "",
         f"## DreamBooth: {n} samples per prompt, seeds 0-{n - 1} for every model",
         "",
-        "| measure | base model | " + " | ".join(RUNS) + " |",
-        "|---" * (len(RUNS) + 2) + "|",
+        "| measure | base model | with prior preservation | without prior preservation |",
+        "|---|---|---|---|",
     ]
 
     def row(label, prompt, key, fmt=pct):
-        return f"| {label} | " + " | ".join(fmt(m[prompt][key]) for m in [base, *(r[n] for n in RUNS)]) + " |"
+        return f"| {label} | " + " | ".join(fmt(m[prompt][key]) for m in (base, with_pp, without)) + " |"
 
     f3 = "{:.3f}".format
     lines += [
@@ -255,12 +252,12 @@ def main():
         results = dict(samples=args.samples, judge=json.load(f), demo={}, diagnostics={}, demo_seconds={})
     results["world"], _ = base_knows_the_world(judge, args.samples)
     models = {"base model": BASE}
-    for name, settings in RUNS.items():
-        demo_dir = os.path.join(args.out, name.replace(" ", "_").replace("--", ""))
-        results["demo_seconds"][name] = run_demo(demo_dir, settings)
+    for name, prior in RUNS.items():
+        demo_dir = os.path.join(args.out, name.replace(" ", "_"))
+        results["demo_seconds"][name] = run_demo(demo_dir, prior)
         models[name] = os.path.join(demo_dir, "dreambooth-model")
         results["diagnostics"][name] = diagnostics_rows(models[name])
-        if name == next(iter(RUNS)):  # the demo as shipped
+        if prior == "1":
             shutil.copy(os.path.join(demo_dir, "samples_grid.png"), os.path.join(results_dir, "demo_grid.png"))
     for name, model in models.items():
         samples = sample_prompts(model, [INSTANCE, BEACH, CLASS], args.samples)
