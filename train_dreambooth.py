@@ -950,8 +950,8 @@ def check_loss_masks(paths, alphas, folder):
                               "the photos as PNG with the background transparent, or drop --masked_loss")
     empty = [os.path.basename(p) for p, alpha in zip(paths, alphas) if alpha is not None and not alpha.getbbox()]
     if empty:
-        raise DreamBoothError(f"--masked_loss: {', '.join(empty)} in {folder} is fully transparent, so it would "
-                              "train on nothing; make the subject opaque or remove the file")
+        raise DreamBoothError(f"--masked_loss: {', '.join(empty)} in {folder}: fully transparent, nothing to train "
+                              "on; make the subject opaque or remove the file")
 
 
 def load_classes(concepts, args, world_size, rank, precision):
@@ -1960,8 +1960,9 @@ def train(args, mkl_code_path):
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
                         with autocast():
                             pred = family.denoise(denoiser, noisy, timesteps, cond, batch["geometry"])
-                        loss = compute_loss(pred, target, args.train_batch_size, args, weight=weight,
-                                            mask=np.stack(batch["masks"]) if args.masked_loss else None) / len(group)
+                        mask = np.stack(batch["masks"]) if args.masked_loss else None
+                        loss = compute_loss(pred, target, args.train_batch_size,
+                                            args, weight=weight, mask=mask) / len(group)
                         scaler.scale(loss).backward() if scaler else loss.backward()
                     group_loss += loss.detach()
                 # One small all-reduce per update: every rank logs the global mean loss and takes the

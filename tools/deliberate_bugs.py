@@ -79,13 +79,13 @@ BUGS = [
         "loss = loss + per_sample[num_instance:].mean()",
         [NUMERICS, "-k", "compute_loss or first_update"]),
     Bug("accumulation_not_divided", "accumulated micro-batch losses summed, not averaged", T,
-        "args.train_batch_size, args, weight=weight) / len(group)",
-        "args.train_batch_size, args, weight=weight)",
+        "args, weight=weight, mask=mask) / len(group)",
+        "args, weight=weight, mask=mask)",
         [NUMERICS, "-k", "accumulation_equals"]),
     Bug("short_group_divided_by_full_accumulation", "an epoch's last, shorter group averaged over "
         "--gradient_accumulation_steps instead of the micro-batches it has", T,
-        "args.train_batch_size, args, weight=weight) / len(group)",
-        "args.train_batch_size, args, weight=weight) / args.gradient_accumulation_steps",
+        "args, weight=weight, mask=mask) / len(group)",
+        "args, weight=weight, mask=mask) / args.gradient_accumulation_steps",
         [BLIND, "-k", "epoch_boundary"]),
     Bug("no_sync_on_last_micro_batch", "gradients all-reduced on the first micro-batch of a group instead of "
         "the last (the last micro-batch's gradient never reaches the other rank)", T,
