@@ -1894,8 +1894,9 @@ def train(args, mkl_code_path):
             dropped = args.caption_dropout_rate and \
                 np.random.default_rng([args.seed, CAPTION_STREAM, *key]).random() < args.caption_dropout_rate
             batch["prompts"].append("" if dropped else item.prompt)
-            mask = item.loss_mask(box, flip, latent_shape[1:]) if args.masked_loss else None
-            batch["masks"].append(np.ones(latent_shape[1:], np.float32) if mask is None else mask)
+            if args.masked_loss:  # class images, and photos without transparency, count everywhere
+                mask = item.loss_mask(box, flip, latent_shape[1:])
+                batch["masks"].append(np.ones(latent_shape[1:], np.float32) if mask is None else mask)
             for name, value in zip(("items", "flips", "geometry", "eps", "noise", "times"),
                                    (item, flip, item.geometry(box, flip), eps, noise, t)):
                 batch[name].append(value)
@@ -1960,7 +1961,7 @@ def train(args, mkl_code_path):
                     with no_sync() if batch_index != group[-1] else contextlib.nullcontext():
                         with autocast():
                             pred = family.denoise(denoiser, noisy, timesteps, cond, batch["geometry"])
-                        mask = np.stack(batch["masks"]) if args.masked_loss else None
+                        mask = np.stack(batch["masks"]) if batch["masks"] else None
                         loss = compute_loss(pred, target, args.train_batch_size,
                                             args, weight=weight, mask=mask) / len(group)
                         scaler.scale(loss).backward() if scaler else loss.backward()

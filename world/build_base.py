@@ -78,6 +78,13 @@ class Settings:
     latent_factor: int = 8
 
 
+# Per latent factor: VAE block widths, UNet block widths, UNet down blocks (the up blocks mirror them).
+# 8: four VAE blocks, as SD's (a 64x64 picture becomes an 8x8x4 latent). 4: three (16x16x4 latents);
+# there the UNet attends to the text at 8x8 and 4x4 only.
+SHAPES = {8: ((16, 32, 32, 32), (32, 64, 64), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
+          4: ((32, 32, 32), (32, 64, 96), ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))}
+
+
 def build_models(seed, latent_factor=8):
     """Random tokenizer, text encoder, VAE and UNet of the base model's shape."""
     import tempfile
@@ -98,26 +105,18 @@ def build_models(seed, latent_factor=8):
         vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=width))
-    if latent_factor == 8:  # four blocks, as SD's: a 64x64 picture becomes an 8x8x4 latent
-        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            latent_channels=4, norm_num_groups=16, sample_size=64, layers_per_block=1)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=width, attention_head_dim=8, norm_num_groups=32)
-    elif latent_factor == 4:  # three blocks: 16x16x4 latents; the UNet attends to the text at 8x8 and 4x4 only
-        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 32, 32),
-                            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                            latent_channels=4, norm_num_groups=16, sample_size=64, layers_per_block=1)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 96), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=width, attention_head_dim=8, norm_num_groups=32)
-    else:
+    if latent_factor not in SHAPES:
         raise SystemExit(f"--latent_factor {latent_factor}: use 8 or 4")
+    vae_channels, unet_channels, unet_down = SHAPES[latent_factor]
+    up = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=vae_channels,
+                        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+                        latent_channels=4, norm_num_groups=16, sample_size=64, layers_per_block=1)
+    unet = UNet2DConditionModel(
+        sample_size=64 // latent_factor, in_channels=4, out_channels=4, block_out_channels=unet_channels,
+        layers_per_block=1, down_block_types=unet_down, up_block_types=tuple(up[b] for b in reversed(unet_down)),
+        cross_attention_dim=width, attention_head_dim=8, norm_num_groups=32)
     return tokenizer, text_encoder, vae, unet
 
 
