@@ -1,10 +1,11 @@
 """On the shipped base model of the drawn world (models/drawn-world), the demo's DreamBooth run must do
 what the DreamBooth paper claims: the instance prompt draws the subject, also in a scene the photos do
-not show, and with prior preservation the class prompt keeps drawing varied toys, not the subject.
+not show when the prompt names it, and with prior preservation the class prompt stays varied and does not
+turn into the subject.
 A training bug that leaves every run consistent but wrong (a latent scale, a loss target, a sign)
 breaks these, and the judge of world/classifier.py sees it; the equivalence tests elsewhere compare runs
-with each other and cannot. bench/EFFICACY.md has the same measurements with more samples and the run
-without prior preservation; the thresholds below sit well inside what it measured."""
+with each other and cannot. bench/EFFICACY.md has the same measurements with more samples and the runs
+without each of the demo's choices; the thresholds below sit well inside what it measured."""
 import os
 import sys
 
@@ -107,12 +108,12 @@ def test_the_base_builder_makes_latents_and_object_weights_of_its_latent_factor(
 
 
 @pytest.mark.parametrize("obj,scene", [("bucket", "beach"), ("dog", "snow"), ("ball", "grass")])
-def test_the_base_model_draws_the_prompted_scene(judge, obj, scene):
-    """Scenes only: the base's objects are blurred blobs the judge tells apart less reliably
-    (bench/EFFICACY.md measures both)."""
+def test_the_base_model_draws_the_prompted_object_and_scene(judge, obj, scene):
+    """bench/EFFICACY.md measures all 20 prompts of the world; three of them here."""
     import drawn_world
 
     answer = judge(samples(BASE, drawn_world.caption(obj, scene), 4))
+    assert sum(a == obj for a in answer["object"]) >= 3, answer["object"]
     assert sum(a == scene for a in answer["scene"]) >= 3, answer["scene"]
 
 
@@ -134,24 +135,25 @@ def measured(judge, tmp_path_factory):
 
 
 def test_the_demo_teaches_the_subject(measured):
-    """Subject fidelity: none of the base's samples of "a photo of sks toy" is the subject, most of the
-    trained model's are, and they are closer to the subject photos in the judge's features."""
+    """Subject fidelity: none of the base's samples of "a photo of sks toy" is the subject, many of the
+    trained model's are (half in bench/EFFICACY.md), and they are closer to the subject photos in the
+    judge's features."""
     m, instance, _, _ = measured
     base, trained = m["base"][instance], m["trained"][instance]
     assert base["subject"] <= 1 / SAMPLES, base
-    assert trained["subject"] >= 0.5, trained
+    assert trained["subject"] >= 0.25, trained
     assert trained["similarity"] > base["similarity"] + 0.03, (base["similarity"], trained["similarity"])
 
 
-def test_the_demo_draws_the_subject_for_the_beach_prompt_too(measured):
-    """The subject is learned as "sks toy", not as the whole instance prompt: a longer prompt with it
-    draws it too, where the base model never does. (Recontextualisation proper, the subject on the
-    beach because the prompt says so, does not work at this scale yet: bench/EFFICACY.md's control
-    rows show the trained model on the beach as often without those words, so no test claims it.)"""
-    m, _, beach, _ = measured
+def test_the_demo_draws_the_subject_on_the_beach_because_the_prompt_says_so(measured):
+    """Recontextualisation: "a photo of sks toy on the beach" draws the subject on the beach, a scene
+    none of the photos shows, where the base model never draws the subject; and without the words "on
+    the beach" the trained model keeps off the beach, so it is the words that put the subject there."""
+    m, instance, beach, _ = measured
     base, trained = m["base"][beach], m["trained"][beach]
-    assert trained["subject"] >= 0.25, trained
-    assert base["subject"] <= 1 / SAMPLES, base
+    assert trained["beach_and_subject"] >= 0.375, trained
+    assert base["beach_and_subject"] <= 1 / SAMPLES, base
+    assert m["trained"][instance]["scenes"]["beach"] <= 1 / SAMPLES, m["trained"][instance]
 
 
 def test_the_demo_keeps_the_class_varied_and_apart_from_the_subject(measured):

@@ -9,11 +9,11 @@ From random weights and a fixed seed, on the CPU:
    latents have unit variance, as SD's 0.18215 does;
 2. the UNet and the CLIP text encoder learn together to denoise the latents of a fixed set of
    captioned pictures ("a photo of bucket on the beach", ...), one caption in ten left empty so
-   that classifier-free guidance has an unconditional prediction to push away from; an optional
+   that classifier-free guidance has an unconditional prediction to push away from; a
    third cycle (--objects_steps) weighs the latent pixels of the object more (a mask from the
    drawer), so the object words are learnt and not only the scene words;
-   --latent_factor 4 builds a three-block VAE (16x16 latents for 64x64 pictures, sharper decodes) and
-   a UNet for them, at a higher CPU cost per UNet update (BUILD.md records each stage's time);
+   the VAE has three blocks (16x16 latents for 64x64 pictures, --latent_factor 4); --latent_factor 8
+   builds SD's four (8x8 latents, cheaper, but its decodes blur a toy's parts into one patch);
 3. the pipeline is saved with a DPM-Solver++ scheduler (good samples in 10 steps) and BUILD.md,
    which records the command, the seed, the settings and the time each stage took.
 
@@ -44,7 +44,7 @@ MAX_LENGTH = 16  # tokens: the longest prompt, "a photo of sks toy on the beach"
 @dataclass
 class Settings:
     seed: int = 0
-    vae_steps: int = 300
+    vae_steps: int = 600
     vae_batch: int = 16
     vae_learning_rate: float = 2e-3
     kl_weight: float = 1e-6
@@ -61,21 +61,20 @@ class Settings:
     # velocity is the picture itself there. The first cycle's result is kept in the work folder.
     more_unet_steps: int = 700
     more_learning_rate: float = 5e-4
-    # An optional third cycle (--objects_steps 1600), velocity again, that teaches the object words.
+    # A third cycle, velocity again, that teaches the object words (--objects_steps 0 leaves it out).
     # An object covers a tenth of a picture and the scene the rest, so the plain loss is mostly about
     # the scene: after the first two cycles the text encoder's states for "toy", "dog" and "cup" are
     # nearly the same, and the UNet draws whatever object the noise suggests. Here the latent pixels
-    # the object covers (a mask from the drawer) weigh object_weight times more. Off by default: with
-    # it the base draws the prompted object far more often, but the demo's DreamBooth run, as tuned
-    # for the base without it, no longer learns the subject (docs/drawn_world.md).
-    objects_steps: int = 0
+    # the object covers (a mask from the drawer) weigh object_weight times more, and the base draws the
+    # prompted object far more often (docs/drawn_world.md).
+    objects_steps: int = 1600
     objects_learning_rate: float = 5e-4
     objects_batch: int = 32
     object_weight: float = 10.0
     # Pixels per latent pixel along each side: 8 as SD's VAE (four blocks: a 64x64 picture becomes an
     # 8x8 latent), or 4 (three blocks, 16x16 latents). At 8 the VAE's decodes of the drawn world are
     # blurred beyond recognising a toy's parts, whatever the UNet learns; at 4 they keep them.
-    latent_factor: int = 8
+    latent_factor: int = 4
 
 
 # Per latent factor: VAE block widths, UNet block widths, UNet down blocks (the up blocks mirror them).
@@ -85,7 +84,7 @@ SHAPES = {8: ((16, 32, 32, 32), (32, 64, 64), ("CrossAttnDownBlock2D", "CrossAtt
           4: ((32, 32, 32), (32, 64, 96), ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))}
 
 
-def build_models(seed, latent_factor=8):
+def build_models(seed, latent_factor=4):
     """Random tokenizer, text encoder, VAE and UNet of the base model's shape."""
     import tempfile
 
@@ -313,7 +312,7 @@ def main():
     times, reused = {}, []  # reused: stages taken from the work folder, made by an earlier build
     vae_key = dict(seed=settings.seed, steps=settings.vae_steps, batch=settings.vae_batch,
                    lr=settings.vae_learning_rate, kl=settings.kl_weight)
-    if settings.latent_factor != 8:  # the key of the shipped model's build stays as it was
+    if settings.latent_factor != 8:  # an 8x8 build's key stays as it was before the option existed
         vae_key["latent_factor"] = settings.latent_factor
 
     def vae_stage():
