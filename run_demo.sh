@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-command demo for a fresh clone, no GPU and no model hub needed: bash run_demo.sh [extra trainer args]
 # DEMO_DIR (output root), DEMO_STEPS and DEMO_CLASS_IMAGES (so a test can run a shorter demo) are optional;
-# DEMO_PRIOR=0 trains without prior preservation, DEMO_MASKED=0 without --masked_loss and
-# DEMO_CAPTIONS=0 without the photos' caption files (bench/efficacy.py compares them).
+# DEMO_PRIOR=0 trains without prior preservation, DEMO_MASKED=0 without --masked_loss,
+# DEMO_CAPTIONS=0 without the photos' caption files, DEMO_SEED=N with another training seed
+# (bench/efficacy.py compares them).
 set -euo pipefail
 
 cat <<'EOF_INTRO'
@@ -52,7 +53,7 @@ python -u train_dreambooth.py \
   --learning_rate=2e-4 --lr_scheduler=constant --lr_warmup_steps=0 \
   --max_train_steps="${DEMO_STEPS:-400}" \
   --diagnostics_steps=20 \
-  --seed=0 --overwrite_output_dir "$@"
+  --seed="${DEMO_SEED:-0}" --overwrite_output_dir "$@"
 
 python demo_samples.py "$DEMO_DIR/dreambooth-model" --base "$DEMO_DIR/base-model" \
   --prompt "a photo of sks toy" --prompt "a photo of sks toy on the beach" --prompt "a photo of toy" \

@@ -6,9 +6,10 @@ prior preservation (the paper's PRES and DIV), with the judge of world/classifie
 
 1. The base model (models/drawn-world): SAMPLES samples of every "a photo of <object><scene>"
    prompt of the drawn world, judged: does the base draw what the words say?
-2. The demo (bash run_demo.sh) from that base: as shipped, and once without each of its choices
-   (DEMO_PRIOR=0: no prior preservation; DEMO_CAPTIONS=0: no caption files; DEMO_MASKED=0: no
-   --masked_loss); the grid of the first is kept as demo_grid.png.
+2. The demo (bash run_demo.sh) from that base: as shipped, with two other training seeds
+   (DEMO_SEED), and once without each of its choices (DEMO_PRIOR=0: no prior preservation;
+   DEMO_CAPTIONS=0: no caption files; DEMO_MASKED=0: no --masked_loss); the grid of the first is
+   kept as demo_grid.png.
 3. SAMPLES samples of each demo prompt from the base and every trained model, the same seeds for
    all, judged and compared with the subject photos.
 4. Writes EFFICACY.md and efficacy.json (every number of the page, for the README), the demo's grid
@@ -38,8 +39,9 @@ SUBJECT_DIR = os.path.join(ROOT, "examples", "sks_toy")
 BASE = os.path.join(ROOT, "models", "drawn-world")
 INSTANCE, BEACH, CLASS = "a photo of sks toy", "a photo of sks toy on the beach", "a photo of toy"
 # Each run: the demo with these environment settings (run_demo.sh reads them); the first is the demo as shipped.
-RUNS = {"the demo": {}, "without prior preservation": {"DEMO_PRIOR": "0"},
-        "without caption files": {"DEMO_CAPTIONS": "0"}, "without --masked_loss": {"DEMO_MASKED": "0"}}
+RUNS = {"the demo": {}, "training seed 1": {"DEMO_SEED": "1"}, "training seed 2": {"DEMO_SEED": "2"},
+        "without prior preservation": {"DEMO_PRIOR": "0"}, "without caption files": {"DEMO_CAPTIONS": "0"},
+        "without --masked_loss": {"DEMO_MASKED": "0"}}
 SAMPLING = dict(steps=10, guidance_scale=6.0, height=64, width=64)  # as the demo's grid
 
 
@@ -192,6 +194,9 @@ def page(results):
         row(f'DIV: "{CLASS}", mean pixel distance between samples (higher is better)', CLASS, "diversity", f3),
         row(f'"{CLASS}" judged a toy', CLASS, "toy"),
         row(f'"{CLASS}" judged in the room (where the base draws it)', CLASS, "plain"),
+        "",
+        "The training seed columns are the demo as shipped with `--seed` 1 and 2 instead of 0 (other class "
+        "images, noise and order): how much of the demo's result a run of this size owes to its seed.",
         "",
         "The control rows tell what the words \"on the beach\" add: a trained model whose samples the judge "
         "finds on the beach as often without those words has not put the subject on the beach; its colours "
