@@ -48,5 +48,6 @@ def main(out_dir):
             f.write(drawn_world.caption("sks toy", kind) + "\n")
         print(f"{path}  {width}x{height}  {kind}  {os.path.getsize(path) // 1024} KB")
 
+
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "sks_toy"))
