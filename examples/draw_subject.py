@@ -38,8 +38,7 @@ def main(out_dir):
     rng = np.random.default_rng(0)
     for i, (kind, width, height) in enumerate(SHOTS):
         path = os.path.join(out_dir, f"toy_{i:02d}.png")
-        image, mask = drawn_world.draw("toy", kind, rng, size=height, colours=drawn_world.SUBJECT_COLOURS,
-                                       width=width, with_mask=True)
+        image, mask = drawn_world.subject(kind, rng, size=height, width=width, with_mask=True)
         grow = 2 * round(3 * height / 256) + 1  # 3 pixels at 256 on each side
         alpha = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(grow))
         image.putalpha(Image.fromarray(np.maximum(np.asarray(alpha), BACKGROUND_ALPHA)))

@@ -85,6 +85,23 @@ def test_the_object_masks_belong_to_the_pictures_the_base_is_trained_on():
     assert np.array_equal((np.asarray(image) != np.asarray(background)).any(axis=2), mask)
 
 
+def test_the_example_photos_are_what_draw_subject_makes(tmp_path):
+    """examples/draw_subject.py rebuilds examples/sks_toy: every photo's pixels and alpha, and its caption."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import draw_subject
+    from PIL import Image
+
+    draw_subject.main(str(tmp_path))
+    shipped = os.path.join(ROOT, "examples", "sks_toy")
+    for name in sorted(os.listdir(tmp_path)):
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / name)),
+                                  np.asarray(Image.open(os.path.join(shipped, name)))), name
+        else:
+            assert (tmp_path / name).read_text() == open(os.path.join(shipped, name)).read(), name
+    assert len(os.listdir(tmp_path)) == 10
+
+
 @pytest.mark.parametrize("factor", [8, 4])
 def test_the_base_builder_makes_latents_and_object_weights_of_its_latent_factor(factor):
     """world/build_base.py --latent_factor: the VAE turns a 64x64 picture into a (64/factor)^2 latent the UNet

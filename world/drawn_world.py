@@ -216,6 +216,6 @@ def samples(n_per_pair, seed, with_mask=False):
     return out
 
 
-def subject(kind, rng, size=64, width=None):
-    """The DreamBooth subject, the red-bodied yellow-headed toy, in scene kind."""
-    return draw("toy", kind, rng, size=size, colours=SUBJECT_COLOURS, width=width)
+def subject(kind, rng, size=64, width=None, with_mask=False):
+    """The DreamBooth subject, the red-bodied yellow-headed toy, in scene kind (with_mask: as draw)."""
+    return draw("toy", kind, rng, size=size, colours=SUBJECT_COLOURS, width=width, with_mask=with_mask)
